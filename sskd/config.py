@@ -1,0 +1,329 @@
+"""The config tree, preset loading and YAML round-trip.
+
+Every key carries a one-line comment on its meaning and units. A run is configured by a preset
+(``sskd/presets/<name>.yaml``, only the keys that differ from these defaults), then optional
+overrides given as dotted keys (``train.lr=1e-3`` style, values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- tree
+
+
+@dataclass
+class SyntheticDomainConfig:
+    """Appearance of one synthetic domain (see :mod:`sskd.data.synthetic`)."""
+
+    background: str = "flat"          # "flat" | "gradient" | "stripes" | "noise" | "clutter"
+    clutter: int = 0                  # number of distractor blobs (not instances) per image
+    palette: str = "primary"          # colour palette name: "primary" | "pastel" | "dark" | "muted"
+    scale_min: float = 0.15           # smallest object side as a fraction of the image side
+    scale_max: float = 0.45           # largest object side as a fraction of the image side
+    noise_std: float = 0.0            # std of additive Gaussian pixel noise, in 0..255 units
+    occlusion: float = 0.3            # probability an object is placed overlapping an earlier one
+    min_objects: int = 1              # fewest instances per image
+    max_objects: int = 4              # most instances per image
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic domain-shift benchmark used by the offline default."""
+
+    image_size: int = 64              # side of the square images, in pixels
+    classes: list[str] = field(default_factory=lambda: ["circle", "rectangle", "triangle"])
+    n_source: int = 600               # images in the source domain (stand-in teacher pretraining)
+    n_train: int = 400                # target-domain training images (split labeled/unlabeled)
+    n_val: int = 100                  # target-domain validation images
+    seed: int = 0                     # generator seed; same seed -> identical images and json
+    source: SyntheticDomainConfig = field(default_factory=SyntheticDomainConfig)
+    target: SyntheticDomainConfig = field(default_factory=lambda: SyntheticDomainConfig(
+        background="clutter", clutter=3, palette="muted", scale_min=0.12, scale_max=0.4,
+        noise_std=8.0, occlusion=0.4))
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how the train set is split."""
+
+    kind: str = "synthetic"           # "synthetic" | "coco" | "cityscapes" | "ade20k"
+    root: str = "data/synthetic"      # data dir: generated into (synthetic) or read from
+    train_json: str = ""              # coco/ade20k: train annotation json (relative to root ok)
+    train_images: str = ""            # coco/ade20k: train image dir
+    val_json: str = ""                # coco/ade20k: val annotation json
+    val_images: str = ""              # coco/ade20k: val image dir
+    unlabeled_dir: str = ""           # optional extra unlabeled image folder (recursive)
+    labeled_fraction: float = 0.1     # share of the train set kept labeled (0 < f <= 1)
+    split_seed: int = 0               # seed of the labeled/unlabeled split
+    max_val: int = 0                  # evaluate on at most this many val images (0 = all)
+    input_size: int = 64              # images are resized to this square side for the models
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """A segmenter built from the registry in :mod:`sskd.models`."""
+
+    name: str = "mask2former"         # registry name (see ``sskd.models.list_models()``)
+    size: str = "tiny"                # size preset of that model ("tiny", "demo", "paper", ...)
+    weights: str = ""                 # local dir (or hub id when online) of pretrained weights
+    options: dict = field(default_factory=dict)  # extra builder keyword arguments
+
+
+@dataclass
+class TrainConfig:
+    """One training run (a stage or a baseline)."""
+
+    steps: int = 200                  # optimizer steps
+    batch_size: int = 8               # images per step (labeled + unlabeled)
+    unlabeled_ratio: float = 0.5      # share of each batch drawn from pseudo-labeled D_u
+    lr: float = 1e-3                  # AdamW peak learning rate
+    weight_decay: float = 0.05        # AdamW weight decay
+    backbone_lr_mult: float = 0.1     # learning-rate multiplier of the encoder parameters
+    poly_power: float = 0.9           # poly schedule lr * (1 - step/steps) ** power
+    warmup_steps: int = 0             # linear warm-up steps
+    grad_clip: float = 1.0            # max global gradient norm (0 = off)
+    amp: bool = True                  # mixed precision on CUDA (ignored on CPU)
+    checkpoint_every: int = 100       # steps between checkpoints (resume granularity)
+    log_every: int = 10               # steps between metric log lines
+    seed: int = 0                     # seed of sampling, augmentation and init
+
+
+@dataclass
+class PixelContrastConfig:
+    """The instance-aware pixel-wise contrastive loss L_pxl (PAPER.md)."""
+
+    temperature: float = 0.07         # NT-Xent temperature T (final value when annealed)
+    temperature_start: float = 0.0    # >0: anneal linearly from this to ``temperature``
+    num_anchors: int = 256            # anchor pixels subsampled per image
+    num_negatives: int = 200          # R negatives per anchor, drawn without replacement
+    sampler: str = "fused"            # "fused" | "uniform" | "mask_only" | "class_only"
+    embed_dim: int = 128              # projection-head output dimension
+
+
+@dataclass
+class PseudoLabelConfig:
+    """How teacher outputs become hard pseudo-labels."""
+
+    score_threshold: float = 0.3      # keep instances with score >= this
+    max_instances: int = 100          # keep at most this many per image (highest score)
+    mask_threshold: float = 0.5       # binarise mask probabilities at this value
+
+
+@dataclass
+class StageConfig:
+    """One stage of the pipeline: on/off, its loss weights and its training schedule."""
+
+    enabled: bool = True              # False skips the stage (ablation)
+    l_semi: float = 0.0               # weight of L_semi (pseudo-labels on D_u)
+    l_pxl: float = 0.0                # weight of L_pxl
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _stage(l_semi: float, l_pxl: float, enabled: bool = True) -> Any:
+    return field(default_factory=lambda: StageConfig(enabled=enabled, l_semi=l_semi, l_pxl=l_pxl))
+
+
+@dataclass
+class StagesConfig:
+    """The three stages of PAPER.md plus the supervised-only baselines."""
+
+    teacher_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))  # stand-in teacher on the source domain
+    adapt_1a: StageConfig = _stage(0.0, 0.1)        # teacher on D_l with L_pxl
+    adapt_1b: StageConfig = _stage(1.0, 0.1)        # teacher re-init, D_l + pseudo D_u + L_pxl
+    transfer: StageConfig = _stage(1.0, 0.1)        # student on D_l + teacher pseudo D_u + L_pxl
+    refine: StageConfig = _stage(0.0, 0.0)          # student on D_l only
+    teacher_supervised: StageConfig = _stage(0.0, 0.0)  # baseline: teacher fine-tuned on D_l
+    student_supervised: StageConfig = _stage(0.0, 0.0)  # baseline: student trained on D_l
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    run_name: str = "default"         # run dir is ``<runs_root>/<run_name>``
+    runs_root: str = "runs"           # parent of all run dirs
+    preset: str = ""                  # preset this config came from (informational)
+    seed: int = 0                     # global seed
+    device: str = "auto"              # "auto" (cuda if available) | "cpu" | "cuda"
+    cache_dir: str = ""               # stand-in teacher cache ("" = ~/.cache/sskd)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="mask2former", size="teacher_demo"))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="mask2former", size="student_demo"))
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    pixel_contrast: PixelContrastConfig = field(default_factory=PixelContrastConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    ablations: dict = field(default_factory=dict)  # name -> overrides dict, each a separate run
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_root) / self.run_name
+
+
+# --------------------------------------------------------------------------- dict <-> tree
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _from_dict(cls: type, data: Mapping, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key {path or '<root>'!r} must be a mapping, got {data!r}")
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    defaults = cls()
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {path + key!r}; valid keys here: "
+                              f"{sorted(hints)}")
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _from_dict(type(default), value, f"{path}{key}.")
+        else:
+            kwargs[key] = _coerce(value, default, path + key)
+    return dataclasses.replace(defaults, **kwargs)
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be true/false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        return type(default)(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    if isinstance(default, dict) and not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+    if isinstance(default, list) and not isinstance(value, list):
+        raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+    return copy.deepcopy(value)
+
+
+def from_dict(data: Mapping) -> Config:
+    return _from_dict(Config, data, "")
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k != "ablations":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(overrides: Mapping[str, Any] | list[str] | None) -> dict:
+    """``{"train.lr": 1e-3}`` or ``["train.lr=1e-3"]`` -> nested dict (string values YAML-parsed)."""
+    if not overrides:
+        return {}
+    items = overrides.items() if isinstance(overrides, Mapping) else [
+        _split_override(o) for o in overrides]
+    nested: dict = {}
+    for key, value in items:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else ""
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. stages.refine.enabled=false)")
+    k, v = text.split("=", 1)
+    return k.strip(), v
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset_dict(name: str) -> dict:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {list_presets()}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_config(preset: str = "demo", overrides: Mapping | list[str] | None = None,
+                yaml_file: str | Path | None = None, **top_level: Any) -> Config:
+    """Preset -> YAML file (optional) -> dotted overrides -> keyword overrides, later wins."""
+    data = to_dict(Config())
+    if preset:
+        data = _merge(data, load_preset_dict(preset))
+        data["preset"] = preset
+    if yaml_file:
+        path = Path(yaml_file)
+        if not path.is_file():
+            raise ConfigError(f"parameter file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"parameter file {path} is not valid YAML: {e}") from e
+        data = _merge(data, loaded)
+    data = _merge(data, parse_overrides(overrides))
+    data = _merge(data, {k: v for k, v in top_level.items() if v is not None})
+    cfg = from_dict(data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not 0 < cfg.data.labeled_fraction <= 1:
+        raise ConfigError(f"data.labeled_fraction must be in (0, 1], got {cfg.data.labeled_fraction}")
+    if cfg.pixel_contrast.sampler not in ("fused", "uniform", "mask_only", "class_only"):
+        raise ConfigError(f"pixel_contrast.sampler must be fused|uniform|mask_only|class_only, "
+                          f"got {cfg.pixel_contrast.sampler!r}")
+    if cfg.data.kind not in ("synthetic", "coco", "cityscapes", "ade20k"):
+        raise ConfigError(f"data.kind must be synthetic|coco|cityscapes|ade20k, got {cfg.data.kind!r}")
+    if cfg.pixel_contrast.temperature <= 0:
+        raise ConfigError("pixel_contrast.temperature must be > 0")
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def read_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run the data stage (notebook 00 or "
+                          "`sskd run`) first to create the run dir")
+    return from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a (sub)config, used for caches."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

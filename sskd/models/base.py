@@ -1,0 +1,223 @@
+"""The one interface every segmenter implements, and the registry that builds them by name.
+
+Tensor conventions:
+
+* images: ``B x 3 x H x W`` float in ``[0, 1]`` (RGB); models normalise internally.
+* targets: a list of ``B`` dicts ``{"masks": N x H x W float/bool, "labels": N long}``
+  (``N`` may be 0: an image with no instances, e.g. an empty pseudo-label set).
+* :class:`SegmenterOutput`: per-query class logits ``B x Q x (C+1)`` (last = no-object) and mask
+  logits ``B x Q x h x w`` at the model's mask resolution (stride 4 for Mask2Former-style models),
+  plus optional weak/strong pixel embeddings ``B x D x h' x w'`` (L2-normalised over ``D``).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "model.json"
+
+
+@dataclass
+class SegmenterOutput:
+    class_logits: torch.Tensor                 # B x Q x (C+1)
+    mask_logits: torch.Tensor                  # B x Q x h x w
+    aux: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per decoder layer
+    embed_weak: torch.Tensor | None = None     # B x D x h' x w'
+    embed_strong: torch.Tensor | None = None   # B x D x h' x w'
+
+
+@dataclass
+class Prediction:
+    """Instances predicted for one image, at the input image's resolution."""
+
+    masks: torch.Tensor      # N x H x W bool
+    class_ids: torch.Tensor  # N long, in [0, C)
+    scores: torch.Tensor     # N float, in [0, 1]
+
+    def __len__(self) -> int:
+        return int(self.class_ids.numel())
+
+
+class Segmenter(nn.Module, ABC):
+    """Base class: predict, training losses, pixel embeddings/probabilities, save/load."""
+
+    #: registry name the model was built under (set by :func:`build_model`)
+    registry_name: str = ""
+
+    def __init__(self, num_classes: int, **config: Any) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.config = {"num_classes": self.num_classes, **config}
+
+    # -- required ----------------------------------------------------------------------------
+    @abstractmethod
+    def forward(self, images: torch.Tensor, embeddings: str = "none") -> SegmenterOutput:
+        """``B x 3 x H x W`` -> outputs. ``embeddings``: "none" | "weak" | "strong" | "both"."""
+
+    @abstractmethod
+    def compute_losses(self, outputs: SegmenterOutput, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Set-prediction losses vs ``targets``; the key ``"loss"`` is the weighted total."""
+
+    # -- shared behaviour --------------------------------------------------------------------
+    def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Forward + losses in one call (the supervised step)."""
+        return self.compute_losses(self(images), targets)
+
+    def pixel_probabilities(self, outputs: SegmenterOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached ``P_m``: ``B x Q x h x w`` (softmax over queries) and ``P_c``: ``B x Q x (C+1)``.
+
+        These are the inputs of the fused negative sampler (PAPER.md, y = [P_m || F_c]).
+        """
+        pm = outputs.mask_logits.detach().float().softmax(dim=1)
+        pc = outputs.class_logits.detach().float().softmax(dim=-1)
+        return pm, pc
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, score_threshold: float = 0.3, max_instances: int = 100,
+                mask_threshold: float = 0.5) -> list[Prediction]:
+        """``B x 3 x H x W`` -> one :class:`Prediction` per image (non-overlapping masks)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(images)
+        finally:
+            self.train(was_training)
+        return postprocess_instances(out.class_logits, out.mask_logits, images.shape[-2:],
+                                     score_threshold, max_instances, mask_threshold)
+
+    def param_groups(self, lr: float, backbone_lr_mult: float) -> list[dict]:
+        """AdamW parameter groups: encoder parameters get ``lr * backbone_lr_mult``."""
+        enc, rest = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (enc if self.is_encoder_parameter(name) else rest).append(p)
+        groups = [{"params": rest, "lr": lr, "name": "heads"}]
+        if enc:
+            groups.append({"params": enc, "lr": lr * backbone_lr_mult, "name": "encoder"})
+        return groups
+
+    def is_encoder_parameter(self, name: str) -> bool:
+        return name.startswith(("encoder.", "backbone."))
+
+    def after_optimizer_step(self) -> None:
+        """Hook for EMA updates (the strong projection head follows the weak one)."""
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.json`` (registry name + builder config) and ``model.pt`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"name": self.registry_name, "config": self.config}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(directory / WEIGHTS_FILE)
+        (directory / (CONFIG_FILE + ".tmp")).write_text(json.dumps(meta, indent=2))
+        (directory / (CONFIG_FILE + ".tmp")).replace(directory / CONFIG_FILE)
+        return directory
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def postprocess_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                          image_size: tuple[int, int], score_threshold: float = 0.3,
+                          max_instances: int = 100, mask_threshold: float = 0.5) -> list[Prediction]:
+    """Mask2Former-style instance inference with overlaps resolved (each pixel <= 1 instance).
+
+    ``class_logits``: ``B x Q x (C+1)``; ``mask_logits``: ``B x Q x h x w``. Score of a
+    query = class probability x mean mask probability inside its binary mask. Pixels claimed by
+    several kept instances go to the highest-scoring one.
+    """
+    H, W = int(image_size[0]), int(image_size[1])
+    probs = class_logits.float().softmax(-1)[..., :-1]          # B x Q x C
+    B, Q, C = probs.shape
+    masks = torch.nn.functional.interpolate(mask_logits.float(), size=(H, W), mode="bilinear",
+                                            align_corners=False).sigmoid()  # B x Q x H x W
+    results = []
+    for b in range(B):
+        scores, idx = probs[b].flatten().topk(min(max_instances, Q * C))
+        q_idx, cls = idx // C, idx % C
+        m = masks[b, q_idx]                                       # N x H x W
+        binary = m > mask_threshold
+        mask_score = (m * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+        final = scores * mask_score
+        keep = (final >= score_threshold) & binary.flatten(1).any(1)
+        final, cls, binary = final[keep], cls[keep], binary[keep]
+        order = final.argsort(descending=True)
+        final, cls, binary = final[order], cls[order], binary[order]
+        binary = resolve_overlaps(binary)
+        nonempty = binary.flatten(1).any(1)
+        results.append(Prediction(binary[nonempty], cls[nonempty].long(),
+                                  final[nonempty].clamp(0, 1)))
+    return results
+
+
+def resolve_overlaps(masks: torch.Tensor) -> torch.Tensor:
+    """``N x H x W`` bool masks sorted by decreasing score -> each pixel kept only by the first."""
+    if masks.shape[0] <= 1:
+        return masks
+    taken = masks.cumsum(0) > 1  # a pixel already claimed by an earlier (higher) instance
+    return masks & ~taken
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[..., Segmenter]] = {}
+
+
+def register_model(name: str) -> Callable:
+    """Decorator: ``@register_model("mask2former")`` on a builder ``f(num_classes, size, **kw)``."""
+
+    def deco(fn: Callable[..., Segmenter]) -> Callable[..., Segmenter]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> Segmenter:
+    """Build a registered segmenter by name (see :func:`list_models`)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered: {list_models()}")
+    model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    model.registry_name = name
+    return model
+
+
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> Segmenter:
+    """Rebuild a model saved by :meth:`Segmenter.save` and load its weights."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    missing = [p.name for p in (cfg_path, w_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"model dir {directory} lacks {missing}; expected {CONFIG_FILE} "
+                                f"and {WEIGHTS_FILE} as written by Segmenter.save()")
+    meta = json.loads(cfg_path.read_text())
+    config = dict(meta["config"])
+    num_classes = config.pop("num_classes")
+    model = build_model(meta["name"], num_classes=num_classes, **config)
+    state = torch.load(w_path, map_location=map_location, weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"weights in {w_path} do not match model {meta['name']!r} built from "
+                           f"{cfg_path}: {e}") from e
+    return model
