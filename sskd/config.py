@@ -40,6 +40,10 @@ class SyntheticDomainConfig:
     occlusion: float = 0.3            # probability an object is placed overlapping an earlier one
     min_objects: int = 1              # fewest instances per image
     max_objects: int = 4              # most instances per image
+    aspect_min: float = 0.5           # smallest short/long side ratio of rectangles and triangles
+    color_jitter: float = 0.0         # per-instance uniform RGB jitter of palette colours, 0..255 units
+    min_visible_fraction: float = 0.25  # drop an instance whose visible part is below this share of it
+    min_visible_pixels: int = 12      # drop an instance with fewer visible pixels than this
 
 
 @dataclass
@@ -55,7 +59,7 @@ class SyntheticConfig:
     source: SyntheticDomainConfig = field(default_factory=SyntheticDomainConfig)
     target: SyntheticDomainConfig = field(default_factory=lambda: SyntheticDomainConfig(
         background="clutter", clutter=3, palette="muted", scale_min=0.12, scale_max=0.4,
-        noise_std=8.0, occlusion=0.4))
+        noise_std=8.0, occlusion=0.4, aspect_min=0.35, color_jitter=12.0))
 
 
 @dataclass
@@ -83,6 +87,7 @@ class ModelConfig:
     name: str = "mask2former"         # registry name (see ``sskd.models.list_models()``)
     size: str = "tiny"                # size preset of that model ("tiny", "demo", "paper", ...)
     weights: str = ""                 # local dir (or hub id when online) of pretrained weights
+    freeze_encoder: bool = False      # keep encoder weights fixed when this model is trained
     options: dict = field(default_factory=dict)  # extra builder keyword arguments
 
 

@@ -1,0 +1,103 @@
+"""Streaming inference: predictions / pseudo-labels written to disk one image per line.
+
+Memory is constant in the number of images (nothing is accumulated), and a killed run resumes:
+lines already in ``<out>.partial`` are kept and their images skipped; the file is renamed to
+``<out>`` only when every image is done, so a complete file is never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sskd.config import PseudoLabelConfig
+from sskd.data.records import Dataset, ImageRecord, Instance
+from sskd.engine.data import SampleCache
+from sskd.models.base import Prediction, Segmenter, postprocess_instances
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _done_ids(partial: Path) -> set[int]:
+    """Image ids already written; a torn last line (killed mid-write) is cut off."""
+    if not partial.is_file():
+        return set()
+    good, ids = [], set()
+    for line in partial.read_text().splitlines():
+        try:
+            ids.add(int(json.loads(line)["image_id"]))
+            good.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break
+    partial.write_text("".join(g + "\n" for g in good))
+    return ids
+
+
+def prediction_to_record(pred: Prediction, record: ImageRecord) -> ImageRecord:
+    """Masks at model resolution -> instances at the record's original resolution."""
+    masks = pred.masks
+    if masks.shape[0] and masks.shape[-2:] != (record.height, record.width):
+        masks = F.interpolate(masks[None].float(), size=(record.height, record.width),
+                              mode="nearest")[0].bool()
+    insts = []
+    for m, c, s in zip(masks.cpu().numpy(), pred.class_ids.tolist(), pred.scores.tolist()):
+        if m.any():
+            insts.append(Instance.from_mask(m.astype(np.uint8), int(c), score=float(s)))
+    return ImageRecord(record.file_name, record.height, record.width, record.image_id, insts)
+
+
+@torch.no_grad()
+def iter_predictions(model: Segmenter, dataset: Dataset, cfg: PseudoLabelConfig, *,
+                     input_size: int, batch_size: int = 16, device: str | torch.device = "cpu",
+                     skip_ids: set[int] | None = None, cache: SampleCache | None = None,
+                     progress: bool = False, desc: str = "predict") -> Iterator[ImageRecord]:
+    """Yield one predicted :class:`ImageRecord` per image of ``dataset`` (in order)."""
+    device = torch.device(device)
+    model.to(device).eval()
+    cache = cache or SampleCache(input_size, max_items=2 * batch_size)  # constant memory
+    todo = [r for r in dataset.records if not skip_ids or r.image_id not in skip_ids]
+    for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = todo[start:start + batch_size]
+        images = torch.stack([cache.image(r) for r in chunk]).to(device)
+        out = model(images)
+        preds = postprocess_instances(out.class_logits, out.mask_logits, images.shape[-2:],
+                                      cfg.score_threshold, cfg.max_instances, cfg.mask_threshold)
+        for rec, pred in zip(chunk, preds):
+            yield prediction_to_record(pred, rec)
+
+
+def predict_to_jsonl(model: Segmenter, dataset: Dataset, out_path: str | Path,
+                     cfg: PseudoLabelConfig, *, input_size: int, batch_size: int = 16,
+                     device: str | torch.device = "cpu", progress: bool = False,
+                     desc: str = "predict") -> Path:
+    """Stream predictions of every image to ``out_path`` (JSON lines), resumable.
+
+    Returns ``out_path``; if it already exists the work is considered done and nothing runs.
+    """
+    out_path = Path(out_path)
+    if out_path.is_file():
+        return out_path
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial(out_path)
+    done = _done_ids(partial)
+    with open(partial, "a") as f:
+        for n, rec in enumerate(iter_predictions(model, dataset, cfg, input_size=input_size,
+                                                 batch_size=batch_size, device=device,
+                                                 skip_ids=done, progress=progress, desc=desc)):
+            f.write(json.dumps(rec.to_dict()) + "\n")
+            if n % 64 == 63:
+                f.flush()
+                os.fsync(f.fileno())
+        f.flush()
+        os.fsync(f.fileno())
+    partial.replace(out_path)
+    return out_path

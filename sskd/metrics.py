@@ -1,0 +1,42 @@
+"""``metrics.json`` of a run: every stage adds its results here, read-modify-write, atomically.
+
+Layout::
+
+    {"models":     {tag: {"AP", "AP50", "AP75", "per_class": {name: AP}, "params", "num_images"}},
+     "stages":     {stage: {"seconds": float, "done": true}},
+     "ablations":  {name: {"models": {tag: {...}}, "overrides": {...}}},
+     "efficiency": [{"model", "params_M", "gflops", "latency_ms", "throughput_img_s", "peak_mem_MB"}]}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sskd.data.records import write_json_atomic
+
+
+def read_metrics(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        return {"models": {}, "stages": {}, "ablations": {}}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it and re-run the stages "
+                         "(it is rebuilt from their outputs)") from e
+    for key in ("models", "stages", "ablations"):
+        data.setdefault(key, {})
+    return data
+
+
+def update_metrics(path: str | Path, section: str, key: str | None, value: Any) -> dict:
+    """Set ``metrics[section][key] = value`` (or ``metrics[section] = value`` when key is None)."""
+    data = read_metrics(path)
+    if key is None:
+        data[section] = value
+    else:
+        data.setdefault(section, {})[key] = value
+    write_json_atomic(data, path, indent=2, sort_keys=True)
+    return data

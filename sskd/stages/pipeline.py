@@ -1,0 +1,119 @@
+"""The three stages of PAPER.md (plus zero-shot labelling and the supervised baselines).
+
+Each stage is a function of the run (dir + config) that reads its inputs from the run dir,
+writes its outputs there atomically, records metrics, and skips work already done, so any
+stage can be re-run or resumed after a crash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sskd.data.records import Dataset
+from sskd.stages.common import (StageTimer, build_from_config, evaluate_model, load_pseudo_labels,
+                                pretrained_teacher, pseudo_label, train_stage)
+from sskd.stages.data import load_datasets
+from sskd.stages.run import Run, as_run, log, set_threads
+from sskd.metrics import read_metrics
+
+
+def _models_summary(run: Run, tags: list[str]) -> dict:
+    models = read_metrics(run.dir.metrics)["models"]
+    return {t: {k: models[t][k] for k in ("AP", "AP50")} for t in tags if t in models}
+
+
+def zero_shot(run: Run | str | Path, progress: bool = True) -> dict:
+    """Zero-shot teacher theta_T0: pseudo-label D_u and evaluate on val (row 1 of Table 1)."""
+    run = as_run(run)
+    set_threads()
+    with StageTimer(run, "zero_shot"):
+        ds = load_datasets(run, with_source=True)
+        teacher = pretrained_teacher(run, ds, progress=progress)
+        pseudo_label(run, teacher, "teacher_zero_shot", ds["unlabeled"])
+        evaluate_model(run, teacher, "teacher_zero_shot", ds["val"])
+    return _models_summary(run, ["teacher_zero_shot"])
+
+
+def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
+    """Stage 1: 1a (D_l + L_pxl) -> pseudo-labels -> 1b (re-init, D_l + pseudo D_u + L_pxl).
+
+    Also the supervised-only teacher baseline (theta_T0 fine-tuned on D_l with L_sup).
+    With ``stages.adapt_1b.enabled: false`` the 1a teacher is the adapted one; with both off,
+    the zero-shot pseudo-labels are used downstream (the "no teacher adaptation" ablation).
+    """
+    run = as_run(run)
+    set_threads()
+    st = run.cfg.stages
+    freeze = run.cfg.teacher.freeze_encoder
+    with StageTimer(run, "adapt_teacher"):
+        ds = load_datasets(run, with_source=True)
+        lab, unl = ds["labeled"], ds["unlabeled"]
+        if st.teacher_supervised.enabled:
+            m = train_stage(run, "teacher_supervised", pretrained_teacher(run, ds, progress), lab,
+                            None, st.teacher_supervised, freeze, progress)
+            evaluate_model(run, m, "teacher_supervised", ds["val"])
+        adapted = None
+        if st.adapt_1a.enabled:
+            t1a = train_stage(run, "teacher_1a", pretrained_teacher(run, ds, progress), lab, None,
+                              st.adapt_1a, freeze, progress)
+            evaluate_model(run, t1a, "teacher_1a", ds["val"])
+            pl_1a = pseudo_label(run, t1a, "teacher_1a", unl)
+            adapted = t1a
+            if st.adapt_1b.enabled:
+                # 1b re-initialises from theta_T0, not from theta_T' (PAPER.md stage 1b).
+                adapted = train_stage(run, "teacher_adapted", pretrained_teacher(run, ds, progress),
+                                      lab, pl_1a, st.adapt_1b, freeze, progress)
+        if adapted is not None:
+            evaluate_model(run, adapted, "teacher_adapted", ds["val"])
+            pseudo_label(run, adapted, "teacher_adapted", unl)
+        else:
+            log.info("teacher adaptation disabled: stage 2 uses the zero-shot pseudo-labels")
+    return _models_summary(run, ["teacher_supervised", "teacher_1a", "teacher_adapted"])
+
+
+def transfer_pseudo_tag(run: Run) -> str:
+    """Which teacher's pseudo-labels stage 2 distils (adapted when stage 1 ran)."""
+    return "teacher_adapted" if run.dir.pseudo_labels("teacher_adapted").is_file() \
+        else "teacher_zero_shot"
+
+
+def transfer(run: Run | str | Path, progress: bool = True) -> dict:
+    """Stage 2: the frozen teacher's pseudo-labels of D_u; student on L_sup + l_semi L_semi + l_pxl L_pxl.
+
+    Also the supervised-only student baseline.
+    """
+    run = as_run(run)
+    set_threads()
+    st = run.cfg.stages
+    with StageTimer(run, "transfer"):
+        ds = load_datasets(run)
+        lab, classes = ds["labeled"], ds["labeled"].classes
+        if st.student_supervised.enabled:
+            m = train_stage(run, "student_supervised", build_from_config(run.cfg.student, classes),
+                            lab, None, st.student_supervised, run.cfg.student.freeze_encoder, progress)
+            evaluate_model(run, m, "student_supervised", ds["val"])
+        if st.transfer.enabled:
+            pl = load_pseudo_labels(run, transfer_pseudo_tag(run), classes)
+            m = train_stage(run, "student_transfer", build_from_config(run.cfg.student, classes),
+                            lab, pl, st.transfer, run.cfg.student.freeze_encoder, progress)
+            evaluate_model(run, m, "student_transfer", ds["val"])
+    return _models_summary(run, ["student_supervised", "student_transfer"])
+
+
+def refine(run: Run | str | Path, progress: bool = True) -> dict:
+    """Stage 3: fine-tune the stage-2 student on D_l only (removes residual pseudo-label bias)."""
+    from sskd.models.base import load_model
+    run = as_run(run)
+    set_threads()
+    st = run.cfg.stages
+    with StageTimer(run, "refine"):
+        ds = load_datasets(run)
+        if st.refine.enabled:
+            src = run.dir.model_dir("student_transfer")
+            if not src.is_dir():
+                raise FileNotFoundError(f"{src} is missing: stage 3 starts from the stage-2 "
+                                        "student; run transfer(run) (notebook 03) first")
+            m = train_stage(run, "student_refined", load_model(src), ds["labeled"], None, st.refine,
+                            run.cfg.student.freeze_encoder, progress)
+            evaluate_model(run, m, "student_refined", ds["val"])
+    return _models_summary(run, ["student_refined"])

@@ -1,0 +1,72 @@
+"""A run: its directory, its resolved config, and the datasets its split files name."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from sskd.config import Config, load_config, read_config, save_config
+from sskd.data.records import Dataset
+from sskd.rundir import RunDir
+
+log = logging.getLogger("sskd")
+
+
+@dataclass
+class Run:
+    dir: RunDir
+    cfg: Config
+
+    @property
+    def device(self) -> torch.device:
+        if self.cfg.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.cfg.device)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else \
+            Path.home() / ".cache" / "sskd"
+
+
+def open_run(run_name: str, preset: str = "demo", runs_root: str | Path = "runs",
+             overrides: Mapping[str, Any] | list[str] | None = None) -> Run:
+    """Create the run dir and its ``config.yaml`` when new; else load it (and apply overrides).
+
+    ``overrides`` are dotted config keys (``{"stages.refine.enabled": False}``). On an existing
+    run they are applied and saved, so the run dir always holds the config that produced it.
+    """
+    rd = RunDir(Path(runs_root) / run_name)
+    if rd.config.is_file():
+        cfg = read_config(rd.config)
+        if overrides:
+            from sskd.config import _merge, from_dict, parse_overrides, to_dict, validate
+            cfg = from_dict(_merge(to_dict(cfg), parse_overrides(overrides)))
+            validate(cfg)
+            save_config(cfg, rd.config)
+    else:
+        cfg = load_config(preset, overrides, run_name=run_name, runs_root=str(runs_root))
+        save_config(cfg, rd.config)
+    return Run(rd, cfg)
+
+
+def set_threads() -> None:
+    """Use every core for intra-op parallelism (torch defaults may pick fewer in notebooks)."""
+    import os
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+
+
+def as_run(run: Run | str | Path) -> Run:
+    if isinstance(run, Run):
+        return run
+    rd = RunDir(run)
+    return Run(rd, read_config(rd.config))
+
+
+def empty_dataset(classes: list[str], name: str) -> Dataset:
+    return Dataset([], list(classes), name)
