@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _norm(req: str) -> str:
-    return re.sub(r"[-_.]+", "-", req.strip().lower())
+    """Normalise the project name (PEP 503); keep the version specifier as written."""
+    name, spec = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", req.strip()).groups()
+    return re.sub(r"[-_.]+", "-", name.lower()) + spec
 
 
 def _pyproject_requirements() -> set[str]:
