@@ -32,6 +32,19 @@ class SegmenterOutput:
     aux: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per decoder layer
     embed_weak: torch.Tensor | None = None     # B x D x h' x w'
     embed_strong: torch.Tensor | None = None   # B x D x h' x w'
+    # model-specific per-image tensors that compute_losses needs (batch first), e.g. the
+    # grounded_sam detector's boxes "pred_boxes" (B x Q x 4) and SAM's "iou_scores" (B x Q)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def select(self, index: slice | torch.Tensor) -> "SegmenterOutput":
+        """The same outputs for a subset of the batch (every tensor field, ``aux`` and ``extras``)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+        return SegmenterOutput(
+            class_logits=self.class_logits[index], mask_logits=self.mask_logits[index],
+            aux=[(c[index], m[index]) for c, m in self.aux],
+            embed_weak=pick(self.embed_weak), embed_strong=pick(self.embed_strong),
+            extras={k: v[index] for k, v in self.extras.items()})
 
 
 @dataclass
