@@ -1,0 +1,259 @@
+"""The Mask2Former-family segmenter: DINOv2 encoder + DPT neck + Mask2Former decoder + L_pxl heads.
+
+One class serves the student, the trainable teacher and the stand-in foundation teacher; they
+differ only by size (:mod:`sskd.models.sizes`) and options (``freeze_encoder``). Data flow for
+``images: B x 3 x H x W`` in ``[0, 1]`` (``H, W`` multiples of the patch size ``p``):
+
+1. ImageNet normalisation, then ``transformers.Dinov2Model`` -> hidden states of the
+   ``out_layers`` blocks, each ``B x (1 + H/p * W/p) x C`` passed through the encoder's final
+   LayerNorm (as DINOv2 backbones do for dense heads).
+2. :class:`~sskd.models.dpt_neck.DPTNeck` -> maps at strides 4, 8, 16, 32.
+3. ``Mask2FormerPixelDecoder`` (multi-scale deformable attention over strides 8-32, FPN to
+   stride 4) -> mask features ``B x M x H/4 x W/4`` and 3 multi-scale maps.
+4. ``Mask2FormerTransformerModule`` (masked attention, ``dec_layers`` layers) + a linear class
+   head -> per-layer class logits ``B x Q x (K+1)`` and mask logits ``B x Q x H/4 x W/4``.
+5. Weak/strong projection heads on the mask features -> ``B x D x H/4 x W/4`` (L2-normalised).
+
+Losses: transformers' ``Mask2FormerLoss`` (Hungarian matching, class CE weight 2.0 with
+no-object 0.1, point-sampled mask BCE 5.0 and dice 5.0) on the final layer and, as deep
+supervision, on every earlier prediction (the query-only one and each intermediate layer).
+
+Initialisation: the decoder pieces are plain ``nn.Module``s here (not a ``PreTrainedModel``), so
+transformers' ``_init_weights`` never runs on them. That avoids its BatchNorm/GroupNorm gamma
+~ N(0, 0.02) (CPU-TRAINING-NOTES.md: norms keep PyTorch's gamma = 1), but leaves a few
+tensors that Mask2Former needs initialised by hand (:func:`init_mask2former_weights`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Dinov2Config, Dinov2Model, Mask2FormerConfig
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerLoss, Mask2FormerMaskedAttentionDecoderLayer, Mask2FormerPixelDecoder,
+    Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, Mask2FormerTransformerModule)
+
+from sskd.models.base import Segmenter, SegmenterOutput, register_model
+from sskd.models.dpt_neck import DPTNeck
+from sskd.models.heads import ProjectionHead, ema_update
+from sskd.models.sizes import resolve_size
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EMBEDDING_MODES = ("none", "weak", "strong", "both")
+
+
+def _encoder_config(cfg: dict) -> Dinov2Config:
+    # use_mask_token=False: the iBOT mask token is only used in DINOv2 pretraining; keeping it
+    # would leave a trainable parameter that never receives a gradient.
+    return Dinov2Config(hidden_size=cfg["encoder_hidden"], num_hidden_layers=cfg["encoder_layers"],
+                        num_attention_heads=cfg["encoder_heads"], patch_size=cfg["patch_size"],
+                        image_size=cfg["encoder_image_size"], use_mask_token=False)
+
+
+def _decoder_config(cfg: dict, num_classes: int) -> Mask2FormerConfig:
+    return Mask2FormerConfig(
+        num_labels=num_classes, feature_size=cfg["feature_size"],
+        mask_feature_size=cfg["mask_feature_size"], hidden_dim=cfg["hidden_dim"],
+        encoder_layers=cfg["pixel_decoder_layers"], encoder_feedforward_dim=cfg["pixel_decoder_ffn"],
+        decoder_layers=cfg["dec_layers"] + 1,  # HF counts the query-only prediction as a layer
+        num_attention_heads=cfg["num_heads"], dim_feedforward=cfg["dim_feedforward"],
+        num_queries=cfg["num_queries"], no_object_weight=cfg["no_object_weight"],
+        class_weight=cfg["class_weight"], mask_weight=cfg["mask_weight"],
+        dice_weight=cfg["dice_weight"], train_num_points=cfg["train_num_points"],
+        oversample_ratio=cfg["oversample_ratio"],
+        importance_sample_ratio=cfg["importance_sample_ratio"], dropout=0.0,
+        feature_strides=[4, 8, 16, 32], common_stride=4)
+
+
+@torch.no_grad()
+def init_mask2former_weights(module: nn.Module) -> None:
+    """Mask2Former's own initialisation for the decoder pieces built outside ``PreTrainedModel``.
+
+    * deformable attention: zero offset weights with biases that start the ``n_points`` samples
+      of each head on a ring of radius 1..n_points around the reference point (one direction per
+      head), uniform attention weights, Xavier value/output projections;
+    * masked-attention decoder layers: Xavier on every matrix, zero cross-attention in-bias;
+    * pixel-decoder level embeddings: N(0, 1) (they are allocated uninitialised upstream).
+    """
+    for m in module.modules():
+        if isinstance(m, Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
+            nn.init.zeros_(m.sampling_offsets.weight)
+            angle = torch.arange(m.n_heads, dtype=torch.float32) * (2 * math.pi / m.n_heads)
+            direction = torch.stack([angle.cos(), angle.sin()], -1)
+            direction = direction / direction.abs().amax(-1, keepdim=True)  # on the unit square
+            radius = torch.arange(1, m.n_points + 1, dtype=torch.float32)
+            ring = direction[:, None, None, :] * radius[None, None, :, None]  # heads x 1 x pts x 2
+            m.sampling_offsets.bias.copy_(ring.expand(m.n_heads, m.n_levels, m.n_points, 2).reshape(-1))
+            nn.init.zeros_(m.attention_weights.weight)
+            nn.init.zeros_(m.attention_weights.bias)
+            for lin in (m.value_proj, m.output_proj):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        elif isinstance(m, Mask2FormerMaskedAttentionDecoderLayer):
+            for p in m.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            nn.init.zeros_(m.cross_attn.in_proj_bias)
+        elif isinstance(m, Mask2FormerPixelDecoder):
+            nn.init.normal_(m.level_embed)
+
+
+class Mask2FormerSegmenter(Segmenter):
+    """DINOv2 + DPT neck + Mask2Former. Build it with ``build_model("mask2former", K, size=...)``.
+
+    Args:
+        num_classes: ``K`` foreground classes (class logits have ``K + 1`` entries, last =
+            no-object).
+        size: a key of :data:`sskd.models.sizes.SIZES`.
+        **overrides: any key of :data:`sskd.models.sizes.DEFAULTS`, e.g. ``num_queries=50``,
+            ``freeze_encoder=True``, ``encoder_weights="weights/dinov2-small"``.
+    """
+
+    def __init__(self, num_classes: int, size: str = "tiny", **overrides: Any) -> None:
+        cfg = resolve_size(size, overrides)
+        saved = {k: v for k, v in overrides.items() if k != "encoder_weights"}
+        # encoder_weights is not part of the saved config: a saved model carries its own
+        # weights, and reloading must not need the original checkpoint directory.
+        super().__init__(num_classes, size=size, **saved)
+        self.size = size
+        self.cfg = cfg
+        self.patch_size = int(cfg["patch_size"])
+        self.out_layers = [int(i) for i in cfg["out_layers"]]
+        n_layers = int(cfg["encoder_layers"])
+        if len(self.out_layers) != 4 or not all(0 <= i < n_layers for i in self.out_layers):
+            raise ValueError(f"out_layers must be 4 block indices in [0, {n_layers}), got {self.out_layers}")
+        if max(self.out_layers) != n_layers - 1:
+            # blocks after the last tapped one would get no gradient: fail early instead
+            raise ValueError(f"out_layers {self.out_layers} must include the last encoder block "
+                             f"{n_layers - 1}; reduce encoder_layers or tap the last block")
+        if cfg["feature_size"] % 32:
+            raise ValueError(f"feature_size must be a multiple of 32 (GroupNorm(32)), got {cfg['feature_size']}")
+
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+        self.encoder = Dinov2Model(_encoder_config(cfg))
+        self.neck = DPTNeck(cfg["encoder_hidden"], list(cfg["neck_channels"]), self.patch_size,
+                            readout=cfg["readout"])
+        m2f = _decoder_config(cfg, self.num_classes)
+        self.pixel_decoder = Mask2FormerPixelDecoder(m2f, feature_channels=list(cfg["neck_channels"]))
+        self.transformer = Mask2FormerTransformerModule(in_features=cfg["feature_size"], config=m2f)
+        self.class_head = nn.Linear(cfg["hidden_dim"], self.num_classes + 1)
+        self.criterion = Mask2FormerLoss(m2f, weight_dict={})
+        self.loss_weights = {"loss_cross_entropy": float(cfg["class_weight"]),
+                             "loss_mask": float(cfg["mask_weight"]),
+                             "loss_dice": float(cfg["dice_weight"])}
+        init_mask2former_weights(self)
+
+        self.embed_weak = ProjectionHead(cfg["mask_feature_size"], cfg["embed_dim"])
+        self.embed_strong = ProjectionHead(cfg["mask_feature_size"], cfg["embed_dim"])
+        self.embed_strong.load_state_dict(self.embed_weak.state_dict())
+        self.embed_strong.requires_grad_(False)  # EMA of embed_weak, see after_optimizer_step
+        self.ema_momentum = float(cfg["ema_momentum"])
+
+        self.freeze_encoder = bool(cfg["freeze_encoder"])
+        if cfg["encoder_weights"]:
+            from sskd.models.pretrained import load_dinov2_weights
+            load_dinov2_weights(self.encoder, cfg["encoder_weights"])
+        self.encoder_weights = str(cfg["encoder_weights"])
+        if self.freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    # ---------------------------------------------------------------------------------- forward
+    def train(self, mode: bool = True) -> "Mask2FormerSegmenter":
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()  # a frozen foundation encoder stays in inference mode
+        return self
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``B x 3 x H x W`` in [0, 1] -> 4 neck maps ``B x C_i x H/s x W/s`` (s = 4, 8, 16, 32)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be B x 3 x H x W, got shape {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size "
+                             f"{self.patch_size}: resize/pad inputs (data.input_size)")
+        x = (images - self.pixel_mean) / self.pixel_std
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            hidden = self.encoder(pixel_values=x, output_hidden_states=True).hidden_states
+            # hidden[0] is the embedding output, hidden[i + 1] the output of block i
+            taps = [self.encoder.layernorm(hidden[i + 1]) for i in self.out_layers]
+        return self.neck(taps, (H, W))
+
+    def forward(self, images: torch.Tensor, embeddings: str = "none") -> SegmenterOutput:
+        """``B x 3 x H x W`` -> :class:`SegmenterOutput` (masks at ``H/4 x W/4``).
+
+        ``embeddings``: "none" | "weak" | "strong" | "both" selects the projection heads run;
+        ``embed_strong`` is always detached (stop-gradient branch).
+        """
+        if embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}")
+        pyramid = self.encode(images)
+        pix = self.pixel_decoder(pyramid, return_dict=True)
+        dec = self.transformer(multi_scale_features=pix.multi_scale_features,
+                               mask_features=pix.mask_features)
+        class_logits = [self.class_head(h.transpose(0, 1)) for h in dec.intermediate_hidden_states]
+        mask_logits = list(dec.masks_queries_logits)
+        out = SegmenterOutput(class_logits=class_logits[-1], mask_logits=mask_logits[-1],
+                              aux=list(zip(class_logits[:-1], mask_logits[:-1])))
+        if embeddings in ("weak", "both"):
+            out.embed_weak = self.embed_weak(pix.mask_features)
+        if embeddings in ("strong", "both"):
+            with torch.no_grad():
+                out.embed_strong = self.embed_strong(pix.mask_features.detach())
+        return out
+
+    # ----------------------------------------------------------------------------------- losses
+    def compute_losses(self, outputs: SegmenterOutput, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Set-prediction loss with deep supervision.
+
+        ``targets``: ``B`` dicts ``{"masks": N x H x W, "labels": N}`` (``N`` may be 0; masks at
+        any resolution, usually the input's). Returns ``loss`` (weighted sum over the final and
+        every auxiliary prediction) and the final layer's unweighted ``loss_ce``, ``loss_mask``,
+        ``loss_dice``.
+        """
+        B = outputs.class_logits.shape[0]
+        if len(targets) != B:
+            raise ValueError(f"got {len(targets)} targets for a batch of {B} images")
+        device = outputs.class_logits.device
+        masks, labels = [], []
+        for i, t in enumerate(targets):
+            m, lab = t["masks"], torch.as_tensor(t["labels"], device=device).long().reshape(-1)
+            if m.dim() != 3 or m.shape[0] != lab.numel():
+                raise ValueError(f"target {i}: masks must be N x H x W with N = len(labels) = "
+                                 f"{lab.numel()}, got masks of shape {tuple(m.shape)}")
+            if lab.numel() and (lab.min() < 0 or lab.max() >= self.num_classes):
+                raise ValueError(f"target {i}: labels must be class ids in [0, {self.num_classes}), "
+                                 f"got {lab.tolist()}")
+            masks.append(m.to(device=device, dtype=torch.float32))
+            labels.append(lab)
+        aux = [{"masks_queries_logits": m.float(), "class_queries_logits": c.float()}
+               for c, m in outputs.aux]
+        raw = self.criterion(masks_queries_logits=outputs.mask_logits.float(),
+                             class_queries_logits=outputs.class_logits.float(),
+                             mask_labels=masks, class_labels=labels, auxiliary_predictions=aux)
+        total = outputs.class_logits.new_zeros((), dtype=torch.float32)
+        for key, value in raw.items():
+            base = key if key in self.loss_weights else key.rsplit("_", 1)[0]
+            total = total + self.loss_weights[base] * value
+        return {"loss": total, "loss_ce": raw["loss_cross_entropy"], "loss_mask": raw["loss_mask"],
+                "loss_dice": raw["loss_dice"]}
+
+    # ------------------------------------------------------------------------------ training
+    def is_encoder_parameter(self, name: str) -> bool:
+        return name.startswith("encoder.")
+
+    def after_optimizer_step(self) -> None:
+        """EMA: the strong projection head follows the weak one (momentum ``ema_momentum``)."""
+        ema_update(self.embed_strong, self.embed_weak, self.ema_momentum)
+
+
+@register_model("mask2former")
+def build_mask2former(num_classes: int, size: str = "tiny", **overrides: Any) -> Mask2FormerSegmenter:
+    """Build the Mask2Former-family segmenter; sizes and options in :mod:`sskd.models.sizes`."""
+    return Mask2FormerSegmenter(num_classes, size=size, **overrides)

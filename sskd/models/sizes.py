@@ -1,0 +1,101 @@
+"""Size presets of the Mask2Former family (DINOv2 encoder + DPT neck + Mask2Former decoder).
+
+Parameter counts measured with ``build_model("mask2former", 3, size=...)`` (3 classes,
+projection heads included; the EMA strong head is counted although it is not trainable):
+
+=============== ======== ===================================== ==================================
+size            params   encoder (ViT)                         decoder
+=============== ======== ===================================== ==================================
+tiny            TBD      32-d, 2 layers, patch 8               hidden 32, 4 queries, 2 dec layers
+student_demo    TBD      TBD                                   TBD
+teacher_demo    TBD      TBD                                   TBD
+student_paper   TBD      DINOv2-S ViT-S/14, layers [2,5,8,11]  hidden 384, 100 queries, 9 layers
+teacher_paper   TBD      DINOv2-L ViT-L/14, layers [5,11,17,23] hidden 384, 100 queries, 9 layers
+=============== ======== ===================================== ==================================
+
+Every key of a size can be overridden by keyword (``build_model(..., hidden_dim=64)``); see
+:data:`DEFAULTS` for the meaning of each key.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+#: Every architecture/loss option with its default and a one-line meaning.
+DEFAULTS: dict[str, Any] = {
+    # -- encoder (transformers.Dinov2Model) --
+    "encoder_hidden": 384,          # ViT width C
+    "encoder_layers": 12,           # number of ViT blocks
+    "encoder_heads": 6,             # attention heads per ViT block
+    "patch_size": 14,               # ViT patch size in px; input H, W must be multiples of it
+    "encoder_image_size": 518,      # image size the position embeddings are stored for (518: HF DINOv2)
+    "out_layers": [2, 5, 8, 11],    # ViT blocks (0-based) reassembled into strides 4/8/16/32
+    "freeze_encoder": False,        # True: encoder weights fixed and run without autograd
+    "encoder_weights": "",          # local HF Dinov2 dir or hub id to load into the encoder ("" = random)
+    # -- DPT neck --
+    "neck_channels": [48, 96, 192, 384],  # channels of the reassembled stride 4/8/16/32 maps
+    "readout": "ignore",            # [CLS] handling in the neck: "ignore" | "add" | "project"
+    # -- Mask2Former pixel decoder --
+    "feature_size": 256,            # pixel-decoder width (multiple of 32: GroupNorm(32, .))
+    "mask_feature_size": 256,       # channels of the stride-4 mask features
+    "pixel_decoder_layers": 6,      # deformable-attention encoder layers in the pixel decoder
+    "pixel_decoder_ffn": 1024,      # FFN width of those layers
+    # -- Mask2Former transformer decoder --
+    "hidden_dim": 384,              # query width
+    "num_queries": 100,             # object queries Q
+    "num_heads": 8,                 # attention heads (decoder and deformable attention)
+    "dec_layers": 9,                # masked-attention decoder layers (each deep-supervised)
+    "dim_feedforward": 2048,        # decoder FFN width
+    # -- projection heads for L_pxl --
+    "embed_dim": 128,               # pixel-embedding dimension D
+    "ema_momentum": 0.99,           # strong head <- m * strong + (1 - m) * weak after each step
+    # -- set-prediction loss (Mask2FormerLoss) --
+    "class_weight": 2.0,            # weight of the class cross-entropy
+    "no_object_weight": 0.1,        # cross-entropy weight of the no-object class
+    "mask_weight": 5.0,             # weight of the point-sampled mask BCE
+    "dice_weight": 5.0,             # weight of the point-sampled dice loss
+    "train_num_points": 12544,      # points sampled per mask for matching and the mask losses
+    "oversample_ratio": 3.0,        # candidate points per sampled point (importance sampling)
+    "importance_sample_ratio": 0.75,  # share of points picked by mask uncertainty
+}
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(encoder_hidden=32, encoder_layers=2, encoder_heads=2, patch_size=8,
+                 encoder_image_size=64, out_layers=[0, 0, 1, 1], neck_channels=[16, 16, 32, 32],
+                 feature_size=32, mask_feature_size=32, pixel_decoder_layers=1,
+                 pixel_decoder_ffn=64, hidden_dim=32, num_queries=4, num_heads=2, dec_layers=2,
+                 dim_feedforward=64, embed_dim=16, train_num_points=256),
+    "student_demo": dict(encoder_hidden=128, encoder_layers=4, encoder_heads=4, patch_size=8,
+                         encoder_image_size=64, out_layers=[0, 1, 2, 3],
+                         neck_channels=[32, 64, 96, 128], feature_size=64, mask_feature_size=64,
+                         pixel_decoder_layers=2, pixel_decoder_ffn=128, hidden_dim=64,
+                         num_queries=10, num_heads=4, dec_layers=4, dim_feedforward=256,
+                         embed_dim=128, train_num_points=1024),
+    "teacher_demo": dict(encoder_hidden=384, encoder_layers=8, encoder_heads=6, patch_size=8,
+                         encoder_image_size=64, out_layers=[1, 3, 5, 7],
+                         neck_channels=[64, 128, 192, 256], feature_size=128,
+                         mask_feature_size=128, pixel_decoder_layers=2, pixel_decoder_ffn=256,
+                         hidden_dim=128, num_queries=20, num_heads=4, dec_layers=6,
+                         dim_feedforward=512, embed_dim=128, train_num_points=1024),
+    "student_paper": dict(),  # the DEFAULTS are the paper student (DINOv2-S)
+    "teacher_paper": dict(encoder_hidden=1024, encoder_layers=24, encoder_heads=16,
+                          out_layers=[5, 11, 17, 23], neck_channels=[256, 512, 1024, 1024]),
+}
+
+
+def list_sizes() -> list[str]:
+    return list(SIZES)
+
+
+def resolve_size(size: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """DEFAULTS <- SIZES[size] <- overrides, with a clear error for unknown names."""
+    if size not in SIZES:
+        raise KeyError(f"unknown mask2former size {size!r}; available: {list_sizes()}")
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown mask2former option(s) {unknown}; valid options: {sorted(DEFAULTS)}")
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.update(copy.deepcopy(SIZES[size]))
+    cfg.update(copy.deepcopy(overrides))
+    return cfg
