@@ -77,11 +77,13 @@ def _slice_output(out: SegmenterOutput, sl: slice) -> SegmenterOutput:
 
 
 def _views(sample, generator: torch.Generator, size: int, augment: bool):
+    """Weak and strong views sharing one geometry (pixel p of one is pixel p of the other)."""
     from sskd.data.views import make_views
     if not augment:
-        return sample.image, sample.image, sample.masks, sample.labels
-    weak, strong, masks, keep = make_views(sample.image, sample.masks, generator, out_size=size)
-    return weak, strong, masks, sample.labels[keep]
+        valid = torch.ones(sample.image.shape[-2:], dtype=torch.bool)
+        return sample.image, sample.image, sample.masks, sample.labels, valid
+    v = make_views(sample.image, sample.masks, generator, out_size=size)
+    return v.weak, v.strong, v.masks, sample.labels[v.keep], v.valid
 
 
 def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfig,
@@ -141,14 +143,14 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
         unl_idx = torch.randint(len(hard_u), (n_unl,), generator=pick).tolist() if n_unl else []
         slots = [("l", i) for i in lab_idx] + [("u", i) for i in unl_idx]
         mine = list(range(rank, len(slots), world_size))
-        weak, strong, targets, kinds = [], [], [], []
+        weak, strong, valid, targets, kinds = [], [], [], [], []
         for slot in mine:
             kind, idx = slots[slot]
             rec = labeled.records[idx] if kind == "l" else hard_u[idx]
             sample = cache.sample(rec, tag=0 if kind == "l" else 1)
             g = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1 + slot))
-            w, s, m, lab = _views(sample, g, input_size, augment)
-            weak.append(w), strong.append(s), kinds.append(kind)
+            w, s, m, lab, ok = _views(sample, g, input_size, augment)
+            weak.append(w), strong.append(s), valid.append(ok), kinds.append(kind)
             targets.append({"masks": m.float().to(device), "labels": lab.to(device)})
         torch.manual_seed(step_seed(cfg.seed, step, 10_000 + rank))  # loss point sampling
         weak_t = torch.stack(weak).to(device)
@@ -160,16 +162,17 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
             if n_l:
                 sup = model.compute_losses(_slice_output(out, slice(0, n_l)), targets[:n_l])
                 total = total + sup["loss"]
-                logs["loss_sup"] = float(sup["loss"])
+                logs["loss_sup"] = float(sup["loss"].detach())
             if n_l < len(kinds) and objective.l_semi > 0:
                 semi = model.compute_losses(_slice_output(out, slice(n_l, None)), targets[n_l:])
                 total = total + objective.l_semi * semi["loss"]
-                logs["loss_semi"] = float(semi["loss"])
+                logs["loss_semi"] = float(semi["loss"].detach())
             if use_pxl:
                 loss_pxl, diag = _pixel_loss(model, out, torch.stack(strong).to(device), targets,
-                                             objective.pixel_contrast, step, cfg, rank)
+                                             torch.stack(valid), objective.pixel_contrast, step,
+                                             cfg, rank)
                 total = total + objective.l_pxl * loss_pxl
-                logs.update({"loss_pxl": float(loss_pxl), **diag})
+                logs.update({"loss_pxl": float(loss_pxl.detach()), **diag})
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(total):
             raise FloatingPointError(f"{desc}: non-finite loss at step {step}: {logs}; lower "
@@ -180,7 +183,7 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         model.after_optimizer_step()
-        logs["loss"] = float(total)
+        logs["loss"] = float(total.detach())
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -205,7 +208,12 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
 
 
 def _pixel_loss(model: Segmenter, out: SegmenterOutput, strong: torch.Tensor, targets: list[dict],
-                pc: PixelContrastConfig, step: int, cfg: TrainConfig, rank: int):
+                valid: torch.Tensor, pc: PixelContrastConfig, step: int, cfg: TrainConfig,
+                rank: int):
+    """L_pxl of the batch: weak embeddings vs stop-gradient strong ones, negatives by ``pc.sampler``.
+
+    FNR is measured against the instances of the batch's targets (labels or hard pseudo-labels).
+    """
     from sskd.losses.pixel_contrastive import (fused_pseudo_probabilities, pixel_contrastive_loss,
                                                temperature_at)
     with torch.no_grad():
@@ -222,7 +230,7 @@ def _pixel_loss(model: Segmenter, out: SegmenterOutput, strong: torch.Tensor, ta
     loss, diag = pixel_contrastive_loss(
         z_weak.float(), z_strong.float(), None if y is None else y.float(),
         num_anchors=pc.num_anchors, num_negatives=pc.num_negatives, temperature=temp,
-        sampler=pc.sampler, generator=g, instance_ids=ids)
+        sampler=pc.sampler, generator=g, instance_ids=ids, valid=valid.to(z_weak.device))
     keep = {k: float(v) for k, v in diag.items() if k in ("margin", "fnr") and v is not None}
     keep["temperature"] = float(temp)
     return loss, keep

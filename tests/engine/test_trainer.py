@@ -1,0 +1,142 @@
+"""The training engine: schedule, objective switches, logs, kill-and-resume equivalence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sskd.config import PixelContrastConfig, PseudoLabelConfig, TrainConfig
+from sskd.data.records import Dataset, ImageRecord
+from sskd.engine.data import hard_pseudo_labels
+from sskd.engine.trainer import Objective, TrainPaths, poly_factor, read_log, train
+from sskd.models import build_model, load_model
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=4, lr=1e-3, checkpoint_every=2, log_every=1, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_poly_schedule_and_warmup():
+    assert poly_factor(0, 100, 0.9, 0) == 1.0
+    assert poly_factor(50, 100, 1.0, 0) == pytest.approx(0.5)
+    assert poly_factor(100, 100, 0.9, 0) == 0.0
+    assert poly_factor(0, 100, 0.9, 4) == pytest.approx(0.25)
+
+
+def test_hard_pseudo_labels_threshold_and_cap(toy):
+    rec = toy.records[0]
+    for inst, s in zip(rec.instances, (0.9, 0.2)):
+        inst.score = s
+    hard = hard_pseudo_labels(rec, PseudoLabelConfig(score_threshold=0.3, max_instances=5))
+    assert [i.score for i in hard.instances] == [0.9]
+    capped = hard_pseudo_labels(rec, PseudoLabelConfig(score_threshold=0.0, max_instances=1))
+    assert [i.score for i in capped.instances] == [0.9]
+
+
+def test_train_full_objective_logs_every_term(toy, tmp_path):
+    model = build_model("mask2former", 3, size="tiny")
+    unl = Dataset([ImageRecord(r.file_name, r.height, r.width, r.image_id,
+                               [type(i)(**{**i.__dict__, "score": 0.8}) for i in r.instances])
+                   for r in toy.records[4:]], toy.classes)
+    paths = TrainPaths.in_dir(tmp_path / "run", "stage")
+    obj = Objective(l_semi=1.0, l_pxl=0.1,
+                    pixel_contrast=PixelContrastConfig(num_anchors=16, num_negatives=8))
+    out = train(model, Dataset(toy.records[:4], toy.classes), paths, _cfg(steps=3), obj,
+                unlabeled=unl, input_size=32, progress=False)
+    log = read_log(paths.log)
+    assert [e["step"] for e in log] == [1, 2, 3]
+    for key in ("loss", "loss_sup", "loss_semi", "loss_pxl", "margin", "fnr", "lr", "temperature"):
+        assert key in log[-1], key
+        assert torch.isfinite(torch.tensor(log[-1][key]))
+    assert 0.0 <= log[-1]["fnr"] <= 1.0
+    assert log[0]["lr"] > log[-1]["lr"]  # poly decay
+    assert paths.model_dir.is_dir() and not paths.state.exists()
+    assert out["steps"] == 3
+
+
+def test_empty_pseudo_label_sets_train_without_nan(toy, tmp_path):
+    model = build_model("mask2former", 3, size="tiny")
+    empty = Dataset([r.without_instances() for r in toy.records[4:]], toy.classes)
+    paths = TrainPaths.in_dir(tmp_path / "run", "stage")
+    train(model, Dataset(toy.records[:4], toy.classes), paths, _cfg(steps=2, unlabeled_ratio=0.5),
+          Objective(l_semi=1.0), unlabeled=empty, input_size=32, progress=False)
+    log = read_log(paths.log)
+    assert all(torch.isfinite(torch.tensor(e["loss_semi"])) for e in log)
+
+
+def test_frozen_parameters_do_not_change(toy, tmp_path):
+    model = build_model("mask2former", 3, size="tiny")
+    for name, p in model.named_parameters():
+        if model.is_encoder_parameter(name):
+            p.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()
+              if model.is_encoder_parameter(n)}
+    assert before, "the tiny model should have encoder parameters"
+    train(model, toy, TrainPaths.in_dir(tmp_path, "s"), _cfg(steps=2), Objective(),
+          input_size=32, progress=False)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+_SCRIPT = r"""
+import os, signal, sys, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from sskd.config import SyntheticDomainConfig
+from sskd.data.coco import read_coco
+from sskd.data.synthetic import generate_domain
+from sskd.config import TrainConfig, PixelContrastConfig
+from sskd.engine.trainer import Objective, TrainPaths, train
+from sskd.models import build_model
+torch.manual_seed(0)
+js = generate_domain(SyntheticDomainConfig(max_objects=3), 8, 32, ["circle", "rectangle", "triangle"],
+                     0, Path({data!r}))
+ds = read_coco(js, Path(js).parent)
+model = build_model("mask2former", 3, size="tiny")
+kill_at = int(sys.argv[2])
+def on_log(entry):
+    if entry["step"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)   # a real kill, between two checkpoints
+cfg = TrainConfig(steps=8, batch_size=4, lr=1e-3, checkpoint_every=3, log_every=1, seed=5)
+obj = Objective(l_pxl=0.1, pixel_contrast=PixelContrastConfig(num_anchors=16, num_negatives=8))
+train(model, ds, TrainPaths.in_dir(Path(sys.argv[1]), "s"), cfg, obj, input_size=32,
+      progress=False, on_log=on_log)
+"""
+
+
+def _run_script(tmp_path: Path, run_dir: Path, kill_at: int) -> int:
+    script = tmp_path / "train_script.py"
+    script.write_text(_SCRIPT.format(data=str(tmp_path / "data")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(script), str(run_dir), str(kill_at)], env=env,
+                          capture_output=True, text=True, timeout=300).returncode
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    rc = _run_script(tmp_path, killed, kill_at=5)
+    assert rc == -signal.SIGKILL
+    paths = TrainPaths.in_dir(killed, "s")
+    assert paths.state.is_file() and not paths.model_dir.exists()
+    assert torch.load(paths.state, weights_only=False)["step"] == 3
+    assert _run_script(tmp_path, killed, kill_at=-1) == 0     # resume from step 3
+    assert _run_script(tmp_path, clean, kill_at=-1) == 0      # uninterrupted reference
+    a = load_model(paths.model_dir).state_dict()
+    b = load_model(TrainPaths.in_dir(clean, "s").model_dir).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    # the log holds each step once, as the uninterrupted run's does
+    steps = [e["step"] for e in read_log(paths.log)]
+    assert steps == list(range(1, 9))
