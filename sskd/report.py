@@ -1,0 +1,446 @@
+"""The run report: ``runs/<name>/report/report.md`` + ``report.html`` + figures + metrics copy.
+
+Everything in it is read from the run dir (``metrics.json``, ``logs/``, ``config.yaml``); the
+"claims" section compares measured numbers and prints PASS/FAIL, nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from sskd.config import Config, ConfigError, parse_overrides, read_config
+from sskd.data.records import write_json_atomic
+from sskd.rundir import MODEL_TAGS, RunDir
+
+MISSING = "—"
+#: the claims need the student this many times smaller than the teacher (PAPER.md: ~11x)
+MIN_PARAM_RATIO = 10.0
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _resolve(run: Any) -> tuple[RunDir, Config | None]:
+    """A ``Run`` (``.dir``/``.cfg``), a ``RunDir`` or a path -> (run dir, config or None)."""
+    if hasattr(run, "dir") and hasattr(run, "cfg"):
+        return run.dir, run.cfg
+    rd = run if isinstance(run, RunDir) else RunDir(run)
+    try:
+        return rd, read_config(rd.config) if rd.config.is_file() else None
+    except (ConfigError, ValueError):
+        return rd, None
+
+
+def read_run_metrics(run_dir: RunDir) -> dict:
+    """``metrics.json`` with every section present (empty when the file is missing)."""
+    import json
+
+    data: dict = {}
+    if run_dir.metrics.is_file():
+        try:
+            data = json.loads(run_dir.metrics.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{run_dir.metrics} is not valid JSON ({e}); delete it and re-run "
+                             "the stages to rebuild it") from e
+    for key in ("models", "stages", "ablations", "pseudo_labels"):
+        data.setdefault(key, {})
+    data.setdefault("efficiency", [])
+    return data
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_params(n: Any) -> str:
+    """Parameter count -> millions with 3 significant digits (``1620000`` -> ``1.62M``)."""
+    if n is None:
+        return MISSING
+    return f"{float(n) / 1e6:.3g}M"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def results_table(models: Mapping[str, dict]) -> str:
+    """PAPER.md Table 1 shape: one row per model of the pipeline, ``—`` where not run."""
+    from sskd.plots import TABLE1_ROWS
+
+    rows = []
+    for tag, label in TABLE1_ROWS:
+        m = models.get(tag) or {}
+        rows.append([label, f"`{tag}`", fmt(m.get("AP")), fmt(m.get("AP50")),
+                     fmt_params(m.get("params"))])
+    return markdown_table(["model", "tag", "AP", "AP50", "params"], rows)
+
+
+def per_class_table(models: Mapping[str, dict]) -> str:
+    tags = [t for t in MODEL_TAGS if t in models] + sorted(set(models) - set(MODEL_TAGS))
+    classes: list[str] = []
+    for t in tags:
+        classes += [c for c in models[t].get("per_class", {}) if c not in classes]
+    if not classes:
+        return ""
+    rows = [[f"`{t}`"] + [fmt(models[t].get("per_class", {}).get(c)) for c in classes] for t in tags]
+    return markdown_table(["model"] + classes, rows)
+
+
+def efficiency_table(efficiency: Sequence[Mapping[str, Any]]) -> str:
+    from sskd.plots import EFFICIENCY_KEYS
+
+    if not efficiency:
+        return ""
+    rows = [[e.get("model", "?")] + [fmt(e.get(k), 2) for k, _ in EFFICIENCY_KEYS] for e in efficiency]
+    by = {e.get("model"): e for e in efficiency}
+    t, s = by.get("teacher"), by.get("student")
+    if t and s:  # teacher / student ratio: how much the distillation saves
+        rows.append(["teacher / student"] + [
+            f"{t[k] / s[k]:.1f}x" if t.get(k) and s.get(k) else MISSING for k, _ in EFFICIENCY_KEYS])
+    return markdown_table(["model"] + [lab for _, lab in EFFICIENCY_KEYS], rows)
+
+
+def dataset_summary(datasets: Mapping[str, Any]) -> str:
+    """Markdown table of ``{split: Dataset}``: images, instances, instances per class."""
+    classes: list[str] = []
+    for ds in datasets.values():
+        classes += [c for c in ds.classes if c not in classes]
+    rows = []
+    for split, ds in datasets.items():
+        counts = [0] * len(ds.classes)
+        for r in ds.records:
+            for i in r.instances:
+                counts[i.class_id] += 1
+        per = dict(zip(ds.classes, counts))
+        rows.append([split, len(ds), sum(counts)] + [per.get(c, 0) for c in classes])
+    return markdown_table(["split", "images", "instances"] + classes, rows)
+
+
+def precision_summary(table: Sequence[Mapping[str, Any]]) -> str:
+    """Per-class rows (``bin == "all"``) of :func:`sskd.plots.pseudo_label_precision` as markdown."""
+    rows = [r for r in table if r.get("bin") == "all"]
+    if not any(r.get("num_gt") for r in rows):
+        return "No ground truth for these images: the bias view needs labels."
+    return markdown_table(
+        ["class", "pseudo-labels", "true positives", "precision", "mean score",
+         "over-confidence (score - precision)", "ground truth", "recall"],
+        [[r["class"], r["count"], r["tp"], fmt(r["precision"], 3), fmt(r["mean_score"], 3),
+          fmt(r["gap"], 3), r["num_gt"], fmt(r["recall"], 3)] for r in rows])
+
+
+def without_figures(md: str) -> str:
+    """The report markdown minus its figure section (for display inside a notebook, where the
+    PNG links do not resolve; the notebook draws the figures itself)."""
+    return re.sub(r"\n## Figures\n.*?(?=\n## |\nRaw numbers|\Z)", "", md, flags=re.S)
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def ablation_overrides(name: str, entry: Mapping[str, Any], cfg: Config | None) -> dict[str, Any]:
+    """Dotted overrides of one ablation: from metrics.json, else from the run config."""
+    ov = entry.get("overrides")
+    if ov is None and cfg is not None:
+        ov = cfg.ablations.get(name)
+    return _flat(parse_overrides(ov)) if ov else {}
+
+
+def ablations_section(metrics: Mapping[str, Any], cfg: Config | None) -> str:
+    main = metrics.get("models", {})
+    parts = []
+    for name, entry in metrics.get("ablations", {}).items():
+        ov = ablation_overrides(name, entry, cfg)
+        models = entry.get("models", {})
+        tags = [t for t in MODEL_TAGS if t in models]
+        rows = []
+        for t in tags:
+            a, m = models[t].get("AP"), main.get(t, {}).get("AP")
+            delta = f"{a - m:+.1f}" if a is not None and m is not None else MISSING
+            rows.append([f"`{t}`", fmt(a), fmt(models[t].get("AP50")), fmt(m), delta])
+        parts.append(f"### {name}\n\noverrides: "
+                     + (", ".join(f"`{k}={v}`" for k, v in ov.items()) or "(none recorded)")
+                     + "\n\n" + (markdown_table(["model", "AP", "AP50", "AP (main run)",
+                                                 "Δ AP"], rows) if rows else "no models evaluated"))
+    return "\n\n".join(parts)
+
+
+# --------------------------------------------------------------------------- claims
+
+
+@dataclass
+class Claim:
+    """One paper claim checked on this run: ``status`` is PASS, FAIL or SKIPPED."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def _ap(models: Mapping[str, dict], tag: str) -> float | None:
+    v = models.get(tag, {}).get("AP")
+    return None if v is None else float(v)
+
+
+def _params(metrics: Mapping[str, Any], tag: str, role: str) -> float | None:
+    p = metrics.get("models", {}).get(tag, {}).get("params")
+    if p is None:  # fall back to the efficiency table's count of that role
+        e = next((e for e in metrics.get("efficiency", []) if e.get("model") == role), None)
+        p = e["params_M"] * 1e6 if e and e.get("params_M") else None
+    return None if p is None else float(p)
+
+
+def _sampler_of(name: str, entry: Mapping[str, Any], cfg: Config | None) -> str | None:
+    ov = ablation_overrides(name, entry, cfg)
+    if "pixel_contrast.sampler" in ov:
+        return str(ov["pixel_contrast.sampler"])
+    for s in ("uniform", "mask_only", "class_only", "fused"):
+        if s in name:
+            return s
+    return None
+
+
+def check_claims(metrics: Mapping[str, Any], cfg: Config | None = None) -> list[Claim]:
+    """The paper's claims, measured on this run (see the module docstring)."""
+    models = metrics.get("models", {})
+    claims = []
+
+    za, aa = _ap(models, "teacher_zero_shot"), _ap(models, "teacher_adapted")
+    name = "adaptation helps the teacher: AP(adapted) > AP(zero-shot)"
+    if za is None or aa is None:
+        claims.append(Claim(name, "SKIPPED", "not measured: needs teacher_zero_shot and "
+                                             "teacher_adapted in metrics.json"))
+    else:
+        claims.append(Claim(name, "PASS" if aa > za else "FAIL",
+                            f"adapted {aa:.1f} vs zero-shot {za:.1f} ({aa - za:+.1f} AP)"))
+
+    ra = _ap(models, "student_refined")
+    pt, ps = _params(metrics, "teacher_adapted", "teacher"), _params(metrics, "student_refined", "student")
+    name = (f"refined student >= adapted teacher with >= {MIN_PARAM_RATIO:g}x fewer parameters")
+    if ra is None or aa is None or not pt or not ps:
+        claims.append(Claim(name, "SKIPPED", "not measured: needs student_refined and "
+                                             "teacher_adapted (AP and params)"))
+    else:
+        ratio = pt / ps
+        ok = ra >= aa and ratio >= MIN_PARAM_RATIO
+        claims.append(Claim(name, "PASS" if ok else "FAIL",
+                            f"student {ra:.1f} vs teacher {aa:.1f} AP ({ra - aa:+.1f}); params "
+                            f"{fmt_params(ps)} vs {fmt_params(pt)} ({ratio:.1f}x fewer)"))
+
+    claims.append(_fused_vs_uniform(metrics, cfg))
+    return claims
+
+
+def _fused_vs_uniform(metrics: Mapping[str, Any], cfg: Config | None) -> Claim:
+    """fused >= uniform negatives, on the stage-2 student (the paper's sampler ablation)."""
+    name = "fused negative sampling >= uniform"
+    runs: dict[str, tuple[str, Mapping[str, dict]]] = {}
+    main_sampler = cfg.pixel_contrast.sampler if cfg is not None else "fused"
+    runs[main_sampler] = ("main run", metrics.get("models", {}))
+    for ab_name, entry in metrics.get("ablations", {}).items():
+        s = _sampler_of(ab_name, entry, cfg)
+        if s in ("fused", "uniform"):  # the main run wins for its own sampler
+            runs.setdefault(s, (f"ablation {ab_name}", entry.get("models", {})))
+    if "fused" not in runs or "uniform" not in runs:
+        return Claim(name, "SKIPPED", "not measured: no uniform-sampler ablation in metrics.json")
+    (fl, fm), (ul, um) = runs["fused"], runs["uniform"]
+    tag = next((t for t in ("student_transfer", "student_refined", "teacher_adapted")
+                if _ap(fm, t) is not None and _ap(um, t) is not None), None)
+    if tag is None:
+        return Claim(name, "SKIPPED", f"not measured: {fl} and {ul} share no evaluated model")
+    f, u = _ap(fm, tag), _ap(um, tag)
+    return Claim(name, "PASS" if f >= u else "FAIL",
+                 f"`{tag}`: fused {f:.1f} ({fl}) vs uniform {u:.1f} ({ul}) ({f - u:+.1f} AP)")
+
+
+def claims_section(claims: Sequence[Claim]) -> str:
+    rows = [[c.name, f"**{c.status}**", c.detail] for c in claims]
+    return markdown_table(["claim", "result", "measured"], rows)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def write_figures(run_dir: RunDir, metrics: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
+    """Save the report's PNG figures into ``out_dir``; returns {caption: file name}."""
+    from sskd import plots
+
+    figs = {}
+    if metrics.get("models"):
+        figs["mask AP per stage"] = ("ap_per_stage.png", plots.ap_per_stage(metrics["models"]))
+    if metrics.get("efficiency"):
+        figs["efficiency, teacher vs student"] = ("efficiency.png",
+                                                  plots.efficiency_bars(metrics["efficiency"]))
+    logs = plots.load_logs(run_dir.root)
+    if logs:
+        figs["training losses per term"] = ("losses.png", plots.loss_curves(logs))
+        if any(r.get("margin") is not None for rows in logs.values() for r in rows):
+            figs["margin and false-negative rate of L_pxl (PAPER.md Fig. 3)"] = (
+                "margin_fnr.png", plots.margin_fnr_curves(logs))
+    out = {}
+    for caption, (fname, fig) in figs.items():
+        fig.savefig(out_dir / fname, dpi=110)
+        out[caption] = fname
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, Any],
+                    figures: Mapping[str, str]) -> str:
+    """The whole report as markdown (figures referenced by file name)."""
+    models = metrics.get("models", {})
+    preset = cfg.preset if cfg is not None and cfg.preset else "?"
+    parts = [f"# sskd report: run `{run_dir.name}`",
+             f"preset `{preset}`, built {time.strftime('%Y-%m-%d %H:%M')}, from `{run_dir.root}`.",
+             "## Results (PAPER.md Table 1 shape, mask AP on val)", results_table(models)]
+    if "teacher_1a" in models:
+        m = models["teacher_1a"]
+        parts.append(f"Teacher after stage 1a (`teacher_1a`): AP {fmt(m.get('AP'))}, "
+                     f"AP50 {fmt(m.get('AP50'))}.")
+    parts += ["## Claims", claims_section(check_claims(metrics, cfg)),
+              "Each claim compares numbers measured in this run (one seed); on the small "
+              "CPU demo, differences of a few AP are within seed noise."]
+    pc = per_class_table(models)
+    if pc:
+        parts += ["## Per-class AP", pc]
+    pl = metrics.get("pseudo_labels", {})
+    if pl:
+        parts += ["## Pseudo-label quality on D_u (hidden ground truth, never used in training)",
+                  markdown_table(["pseudo-labels of", "AP", "AP50"],
+                                 [[f"`{t}`", fmt(v.get("AP")), fmt(v.get("AP50"))]
+                                  for t, v in pl.items()])]
+    ab = ablations_section(metrics, cfg)
+    parts += ["## Ablations", ab or "No ablations were run (config key `ablations`)."]
+    eff = efficiency_table(metrics.get("efficiency", []))
+    parts += ["## Efficiency", eff or "Not measured."]
+    stages = metrics.get("stages", {})
+    if stages:
+        parts += ["## Stage wall time", markdown_table(
+            ["stage", "seconds", "note"],
+            [[s, fmt(v.get("seconds")), "cached" if v.get("cached") else ""]
+             for s, v in stages.items()])]
+    if figures:
+        parts.append("## Figures")
+        parts += [f"![{cap}]({fname})" for cap, fname in figures.items()]
+    parts.append("Raw numbers: [metrics.json](metrics.json).")
+    return "\n\n".join(parts) + "\n"
+
+
+def build_report(run: Any, figures: bool = True) -> Path:
+    """Write ``report/report.md``, ``report.html``, the PNG figures and ``metrics.json`` of a
+    run (a ``Run``, ``RunDir`` or run-dir path). Returns the path of ``report.md``."""
+    run_dir, cfg = _resolve(run)
+    if not run_dir.root.is_dir():
+        raise FileNotFoundError(f"run dir {run_dir.root} does not exist; run the stages "
+                                "(`sskd run --name NAME`) first")
+    metrics = read_run_metrics(run_dir)
+    out = run_dir.report
+    out.mkdir(parents=True, exist_ok=True)
+    figs = write_figures(run_dir, metrics, out) if figures else {}
+    if run_dir.metrics.is_file():
+        shutil.copyfile(run_dir.metrics, out / "metrics.json")
+    else:
+        write_json_atomic(metrics, out / "metrics.json", indent=2)
+    md = report_markdown(run_dir, cfg, metrics, figs)
+    _write_atomic(out / "report.md", md)
+    _write_atomic(out / "report.html", markdown_to_html(md, title=f"sskd report: {run_dir.name}"))
+    return out / "report.md"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- markdown -> html
+
+_CSS = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.2em .6em}"
+        "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 .2em}")
+
+
+_BULLET = re.compile(r"^\s*[-*]\s+")
+
+
+def _inline(text: str) -> str:
+    """Escape, then `code`, **bold**, ![alt](src) and [text](href)."""
+    codes: list[str] = []
+
+    def keep(m: re.Match) -> str:
+        codes.append(f"<code>{html.escape(m.group(1))}</code>")
+        return f"\x00{len(codes) - 1}\x00"
+
+    text = html.escape(re.sub(r"`([^`]+)`", keep, text), quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)",
+                  lambda m: f'<img alt="{m.group(1)}" src="{m.group(2)}">', text)
+    text = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", lambda m: f'<a href="{m.group(2)}">{m.group(1)}</a>', text)
+    return re.sub(r"\x00(\d+)\x00", lambda m: codes[int(m.group(1))], text)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def markdown_to_html(md: str, title: str = "report") -> str:
+    """The markdown subset the report uses (ATX headings, pipe tables, ``-`` lists, images,
+    paragraphs, inline code/bold/links) -> a standalone HTML page."""
+    lines, body, i = md.splitlines(), [], 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip():
+            i += 1
+        elif m := re.match(r"^(#{1,6})\s+(.*)$", line):
+            n = len(m.group(1))
+            body.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
+            i += 1
+        elif line.lstrip().startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                block.append(lines[i])
+                i += 1
+            rows = [r for r in block if not re.match(r"^\s*\|(\s*:?-+:?\s*\|)+\s*$", r)]
+            head = "".join(f"<th>{_inline(c)}</th>" for c in _cells(rows[0]))
+            trs = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _cells(r)) + "</tr>"
+                          for r in rows[1:])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+        elif _BULLET.match(line):
+            items = []
+            while i < len(lines) and _BULLET.match(lines[i]):
+                items.append(f"<li>{_inline(_BULLET.sub('', lines[i]))}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+        else:
+            para = []
+            while i < len(lines) and lines[i].strip() and not re.match(
+                    r"^(#{1,6}\s|\s*\||\s*[-*]\s+)", lines[i]):
+                para.append(lines[i].strip())
+                i += 1
+            body.append(f"<p>{_inline(' '.join(para))}</p>")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+            f"</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,0 +1,167 @@
+import json
+
+import pytest
+
+from sskd import report
+from sskd.config import Config, save_config
+from sskd.rundir import RunDir
+
+
+def model(ap, ap50, params, per_class=None):
+    return {"AP": ap, "AP50": ap50, "AP75": ap / 2, "params": params, "num_images": 100,
+            "per_class": per_class or {"car": ap + 1, "person": ap - 1}}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    rd = RunDir(tmp_path / "runs" / "paper")
+    cfg = Config(run_name="paper", preset="demo",
+                 ablations={"uniform_negatives": {"pixel_contrast": {"sampler": "uniform"}}})
+    save_config(cfg, rd.config)
+    metrics = {
+        "models": {
+            "teacher_zero_shot": model(22.0, 42.3, 568_000_000),
+            "teacher_supervised": model(28.7, 53.4, 568_000_000),
+            "teacher_1a": model(29.1, 54.0, 568_000_000),
+            "teacher_adapted": model(30.5, 56.6, 568_000_000),
+            "student_supervised": model(21.1, 38.7, 52_000_000),
+            "student_transfer": model(32.2, 56.5, 52_000_000),
+            "student_refined": model(33.9, 58.7, 52_000_000),
+        },
+        "stages": {"zero_shot": {"seconds": 12.5, "done": True},
+                   "teacher_pretrain": {"seconds": 0.0, "done": True, "cached": True}},
+        "ablations": {"uniform_negatives": {"models": {"student_transfer": model(29.4, 50.0, 52_000_000)}}},
+        "pseudo_labels": {"teacher_zero_shot": {"AP": 20.0, "AP50": 40.0}},
+        "efficiency": [
+            {"model": "teacher", "params_M": 568.0, "gflops": 880.0, "latency_ms": 350.9,
+             "throughput_img_s": 2.85, "peak_mem_MB": 5600.0},
+            {"model": "student", "params_M": 52.0, "gflops": 200.0, "latency_ms": 76.9,
+             "throughput_img_s": 13.0, "peak_mem_MB": 800.0}],
+    }
+    rd.metrics.write_text(json.dumps(metrics))
+    rd.log("teacher_1a").parent.mkdir(parents=True)
+    rd.log("teacher_1a").write_text("".join(json.dumps(
+        {"step": s, "loss": 2.0 / s, "loss_sup": 1.0, "loss_pxl": 1.0 / s, "margin": 0.5 + s / 10,
+         "fnr": 0.05}) + "\n" for s in (1, 2, 3)))
+    return rd
+
+
+def test_build_report_writes_all_files_with_exact_tables(run_dir):
+    path = report.build_report(run_dir.root)
+    out = run_dir.report
+    assert path == out / "report.md"
+    for name in ("report.md", "report.html", "metrics.json", "ap_per_stage.png", "efficiency.png",
+                 "losses.png", "margin_fnr.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(run_dir.metrics.read_text())
+    md = path.read_text()
+    for row in [
+        "| zero-shot teacher | `teacher_zero_shot` | 22.0 | 42.3 | 568M |",
+        "| teacher, supervised fine-tuning | `teacher_supervised` | 28.7 | 53.4 | 568M |",
+        "| teacher, adapted (stage 1) | `teacher_adapted` | 30.5 | 56.6 | 568M |",
+        "| student, supervised only | `student_supervised` | 21.1 | 38.7 | 52M |",
+        "| student after stage 2 | `student_transfer` | 32.2 | 56.5 | 52M |",
+        "| student after stage 3 | `student_refined` | 33.9 | 58.7 | 52M |",
+        "| `student_transfer` | 29.4 | 50.0 | 32.2 | -2.8 |",        # ablation vs main run
+        "| teacher | 568.00 | 880.00 | 350.90 | 2.85 | 5600.00 |",
+        "| teacher / student | 10.9x | 4.4x | 4.6x | 0.2x | 7.0x |",
+        "| `teacher_zero_shot` | 23.0 | 21.0 |",                    # per-class AP
+        "| `teacher_zero_shot` | 20.0 | 40.0 |",                    # pseudo-label AP on D_u
+        "| teacher_pretrain | 0.0 | cached |",
+    ]:
+        assert row in md, row
+    assert "overrides: `pixel_contrast.sampler=uniform`" in md
+    assert "Teacher after stage 1a (`teacher_1a`): AP 29.1, AP50 54.0." in md
+    assert "![mask AP per stage](ap_per_stage.png)" in md
+    # claims, with the measured numbers
+    assert "| **PASS** | adapted 30.5 vs zero-shot 22.0 (+8.5 AP) |" in md
+    assert ("| **PASS** | student 33.9 vs teacher 30.5 AP (+3.4); params 52M vs 568M "
+            "(10.9x fewer) |") in md
+    assert ("| **PASS** | `student_transfer`: fused 32.2 (main run) vs uniform 29.4 "
+            "(ablation uniform_negatives) (+2.8 AP) |") in md
+    html = (out / "report.html").read_text()
+    assert html.count("<table>") == sum(ln.startswith("|---") for ln in md.splitlines()) and "<img alt=\"mask AP per stage\"" in html
+
+
+def test_claims_fail_and_skip_on_measured_numbers(run_dir):
+    m = json.loads(run_dir.metrics.read_text())
+    m["models"]["teacher_adapted"]["AP"] = 21.0        # adaptation hurt
+    m["models"]["student_refined"]["params"] = 100_000_000  # only 5.7x smaller
+    m["ablations"] = {}
+    claims = report.check_claims(m, Config())
+    assert [c.status for c in claims] == ["FAIL", "FAIL", "SKIPPED"]
+    assert claims[0].detail == "adapted 21.0 vs zero-shot 22.0 (-1.0 AP)"
+    assert "5.7x fewer" in claims[1].detail
+    del m["models"]["student_refined"]
+    assert report.check_claims(m)[1].status == "SKIPPED"
+
+
+def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
+    cfg = Config()
+    cfg.pixel_contrast.sampler = "uniform"
+    m = {"models": {"teacher_zero_shot": {"AP": 1.0}, "teacher_adapted": {"AP": 2.0},
+                    "student_refined": {"AP": 2.5}, "student_transfer": {"AP": 3.0}},
+         "efficiency": [{"model": "teacher", "params_M": 20.0}, {"model": "student", "params_M": 1.0}],
+         "ablations": {"neg": {"overrides": {"pixel_contrast.sampler": "fused"},
+                               "models": {"student_transfer": {"AP": 2.0}}}}}
+    c = report.check_claims(m, cfg)
+    assert c[1].status == "PASS" and "20.0x fewer" in c[1].detail
+    assert c[2].status == "FAIL"
+    assert c[2].detail == ("`student_transfer`: fused 2.0 (ablation neg) vs uniform 3.0 (main run) "
+                           "(-1.0 AP)")
+
+
+def test_report_of_a_fresh_run_marks_missing_rows(tmp_path):
+    rd = RunDir(tmp_path / "empty")
+    rd.root.mkdir()
+    md = report.build_report(rd).read_text()
+    assert "| zero-shot teacher | `teacher_zero_shot` | — | — | — |" in md
+    assert "No ablations were run" in md and "Efficiency\n\nNot measured." in md
+    assert md.count("SKIPPED") == 3
+    with pytest.raises(FileNotFoundError, match="sskd run"):
+        report.build_report(tmp_path / "missing")
+
+
+def test_build_report_accepts_a_run_object(run_dir):
+    class Run:  # the shape of sskd.stages.Run: .dir and .cfg
+        dir = run_dir
+        cfg = Config(preset="smoke")
+
+    md = report.build_report(Run(), figures=False).read_text()
+    assert "preset `smoke`" in md and "## Figures" not in md
+
+
+def test_markdown_to_html_subset():
+    md = ("# Title\n\nSome **bold** and `a<b>` text\nwrapped [link](x.json).\n\n- one\n- two\n\n"
+          "| a | b |\n|---|---|\n| 1 | `c` |\n\n![fig](f.png)\n")
+    html = report.markdown_to_html(md, title="t")
+    assert "<h1>Title</h1>" in html
+    assert "<p>Some <strong>bold</strong> and <code>a&lt;b&gt;</code> text wrapped " \
+           '<a href="x.json">link</a>.</p>' in html
+    assert "<ul><li>one</li><li>two</li></ul>" in html
+    assert ("<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td>"
+            "<td><code>c</code></td></tr></tbody></table>") in html
+    assert '<p><img alt="fig" src="f.png"></p>' in html
+
+
+def test_without_figures_and_precision_summary():
+    md = "# R\n\n## Figures\n\n![a](a.png)\n\n![b](b.png)\n\nRaw numbers: x\n"
+    assert report.without_figures(md) == "# R\n\nRaw numbers: x\n"
+    table = [{"bin": 0, "class": "c"},
+             {"bin": "all", "class": "c", "count": 4, "tp": 1, "precision": 0.25, "mean_score": 0.675,
+              "gap": 0.425, "num_gt": 2, "recall": 0.5}]
+    assert "| c | 4 | 1 | 0.250 | 0.675 | 0.425 | 2 | 0.500 |" in report.precision_summary(table)
+    table[1]["num_gt"] = 0
+    assert "No ground truth" in report.precision_summary(table)
+
+
+def test_dataset_summary_counts_instances_per_class():
+    import numpy as np
+    from sskd.data.records import Dataset, ImageRecord, Instance
+
+    m = np.zeros((4, 4), np.uint8)
+    m[:2, :2] = 1
+    ds = Dataset([ImageRecord("a", 4, 4, 1, [Instance.from_mask(m, 0), Instance.from_mask(m, 1)]),
+                  ImageRecord("b", 4, 4, 2, [Instance.from_mask(m, 1)])], ["x", "y"])
+    md = report.dataset_summary({"labeled": ds, "val": ds.subset([2])})
+    assert "| labeled | 2 | 3 | 1 | 2 |" in md and "| val | 1 | 1 | 0 | 1 |" in md
