@@ -130,6 +130,10 @@ class Mask2FormerSegmenter(Segmenter):
             # blocks after the last tapped one would get no gradient: fail early instead
             raise ValueError(f"out_layers {self.out_layers} must include the last encoder block "
                              f"{n_layers - 1}; reduce encoder_layers or tap the last block")
+        if cfg["dec_layers"] < 3:
+            # decoder layer i cross-attends to pyramid level i % 3: fewer layers leave a level
+            # (and its input projection) unused, i.e. trainable parameters without gradient
+            raise ValueError(f"dec_layers must be >= 3 (one per feature level), got {cfg['dec_layers']}")
         if cfg["feature_size"] % 32:
             raise ValueError(f"feature_size must be a multiple of 32 (GroupNorm(32)), got {cfg['feature_size']}")
 

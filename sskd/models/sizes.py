@@ -45,8 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "hidden_dim": 384,              # query width
     "num_queries": 100,             # object queries Q
     "num_heads": 8,                 # attention heads (decoder and deformable attention)
-    "dec_layers": 9,                # masked-attention decoder layers (each deep-supervised)
-    "dim_feedforward": 2048,        # decoder FFN width
+    "dec_layers": 9,                # masked-attention decoder layers (>= 3, each deep-supervised)
+    "dim_feedforward": 1536,        # decoder FFN width (4 x hidden_dim; 2048 gives 54.8M for the paper student)
     # -- projection heads for L_pxl --
     "embed_dim": 128,               # pixel-embedding dimension D
     "ema_momentum": 0.99,           # strong head <- m * strong + (1 - m) * weak after each step
@@ -63,8 +63,8 @@ DEFAULTS: dict[str, Any] = {
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(encoder_hidden=32, encoder_layers=2, encoder_heads=2, patch_size=8,
                  encoder_image_size=64, out_layers=[0, 0, 1, 1], neck_channels=[16, 16, 32, 32],
-                 feature_size=32, mask_feature_size=32, pixel_decoder_layers=1,
-                 pixel_decoder_ffn=64, hidden_dim=32, num_queries=4, num_heads=2, dec_layers=2,
+                 feature_size=64, mask_feature_size=32, pixel_decoder_layers=1,
+                 pixel_decoder_ffn=64, hidden_dim=32, num_queries=4, num_heads=2, dec_layers=3,
                  dim_feedforward=64, embed_dim=16, train_num_points=256),
     "student_demo": dict(encoder_hidden=128, encoder_layers=4, encoder_heads=4, patch_size=8,
                          encoder_image_size=64, out_layers=[0, 1, 2, 3],

@@ -1,0 +1,225 @@
+"""Mask2Former-family specifics: shapes per input size, losses, EMA head, freezing, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sskd.models import build_model
+from sskd.models.dpt_neck import reassemble_factors
+from sskd.models.heads import ema_update
+from sskd.models.mask2former import Mask2FormerSegmenter
+from sskd.models.sizes import DEFAULTS, SIZES
+
+K = 3
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def tiny(**kw) -> Mask2FormerSegmenter:
+    torch.manual_seed(0)
+    return build_model("mask2former", K, size="tiny", **kw)
+
+
+def _square_targets(S: int) -> list[dict]:
+    m = torch.zeros(2, S, S)
+    m[0, : S // 2, : S // 2] = 1
+    m[1, S // 2:, S // 3:] = 1
+    return [{"masks": m, "labels": torch.tensor([0, 2])}] * 2
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 64), (128, 128), (32, 40)])
+def test_output_shapes_patch8(hw):
+    model = tiny()
+    H, W = hw
+    out = model(torch.rand(2, 3, H, W), embeddings="both")
+    Q, D = model.cfg["num_queries"], model.cfg["embed_dim"]
+    assert out.class_logits.shape == (2, Q, K + 1)
+    assert out.mask_logits.shape == (2, Q, H // 4, W // 4)
+    assert len(out.aux) == model.cfg["dec_layers"]  # query-only prediction + all but the last layer
+    for c, m in out.aux:
+        assert c.shape == out.class_logits.shape and m.shape == out.mask_logits.shape
+    assert out.embed_weak.shape == out.embed_strong.shape == (2, D, H // 4, W // 4)
+    # L2-normalised pixel embeddings; the strong branch is stop-gradient
+    assert torch.allclose(out.embed_weak.norm(dim=1), torch.ones(2, H // 4, W // 4), atol=1e-5)
+    assert out.embed_weak.requires_grad and not out.embed_strong.requires_grad
+
+
+def test_patch14_gives_exact_stride4_masks():
+    assert reassemble_factors(8) == [2, 1, 0.5, 0.25]
+    assert reassemble_factors(14) == [4, 2, 1, 0.5]
+    model = tiny(patch_size=14, encoder_image_size=56)
+    out = model(torch.rand(1, 3, 56, 84))
+    assert out.mask_logits.shape[-2:] == (14, 21)
+
+
+def test_embedding_modes_and_bad_inputs():
+    model = tiny()
+    x = torch.rand(1, 3, 32, 32)
+    assert model(x).embed_weak is None and model(x).embed_strong is None
+    assert model(x, "weak").embed_strong is None and model(x, "strong").embed_weak is None
+    with pytest.raises(ValueError, match="embeddings must be one of"):
+        model(x, embeddings="all")
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        model(torch.rand(1, 3, 36, 32))
+    with pytest.raises(ValueError, match="B x 3 x H x W"):
+        model(torch.rand(3, 32, 32))
+
+
+def test_loss_is_weighted_sum_with_deep_supervision():
+    model = tiny()
+    out = model(torch.rand(2, 3, 32, 32))
+    targets = _square_targets(32)
+    torch.manual_seed(0)
+    full = model.compute_losses(out, targets)
+    out.aux = []
+    torch.manual_seed(0)
+    last = model.compute_losses(out, targets)
+    expected = 2.0 * last["loss_ce"] + 5.0 * last["loss_mask"] + 5.0 * last["loss_dice"]
+    assert torch.allclose(last["loss"], expected)
+    # every auxiliary prediction adds its own (positive) set-prediction loss
+    assert full["loss"] > 1.5 * last["loss"]
+
+
+def test_empty_batch_loss_only_pushes_queries_to_no_object():
+    model = tiny()
+    out = model(torch.rand(2, 3, 32, 32))
+    empty = {"masks": torch.zeros(0, 32, 32), "labels": torch.zeros(0, dtype=torch.long)}
+    losses = model.compute_losses(out, [empty, empty])
+    assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0
+    # CE of every query against no-object, weighted by no_object_weight (weighted mean = plain mean)
+    ce = nn.functional.cross_entropy(out.class_logits.flatten(0, 1),
+                                     torch.full((2 * model.cfg["num_queries"],), K))
+    assert torch.allclose(losses["loss_ce"], ce, atol=1e-6)
+
+
+def test_target_validation_errors():
+    model = tiny()
+    out = model(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="class ids in"):
+        model.compute_losses(out, [{"masks": torch.ones(1, 32, 32), "labels": torch.tensor([K])}])
+    with pytest.raises(ValueError, match="N x H x W"):
+        model.compute_losses(out, [{"masks": torch.ones(2, 32, 32), "labels": torch.tensor([0])}])
+    with pytest.raises(ValueError, match="targets for a batch"):
+        model.compute_losses(out, [])
+
+
+def _two_image_problem(S: int = 32):
+    x = torch.full((2, 3, S, S), 0.2)
+    m0 = torch.zeros(2, S, S)
+    m0[0, 2:14, 3:15] = 1
+    m0[1, 18:30, 16:30] = 1
+    m1 = torch.zeros(1, S, S)
+    m1[0, 8:26, 6:24] = 1
+    red, blue = torch.tensor([0.9, 0.1, 0.1])[:, None, None], torch.tensor([0.1, 0.1, 0.9])[:, None, None]
+    x[0, :, 2:14, 3:15] = red
+    x[0, :, 18:30, 16:30] = blue
+    x[1, :, 8:26, 6:24] = red
+    return x, [{"masks": m0, "labels": torch.tensor([0, 1])}, {"masks": m1, "labels": torch.tensor([0])}]
+
+
+def test_overfits_two_images():
+    model = tiny()
+    x, targets = _two_image_problem()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    torch.manual_seed(0)
+    history = []
+    for _ in range(30):
+        loss = model.compute_losses(model(x), targets)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_optimizer_step()
+        history.append(loss.item())
+    assert history[-1] < 0.5 * history[0], history
+
+
+def test_ema_strong_head_follows_weak_head():
+    model = tiny(ema_momentum=0.9)
+    weak, strong = model.embed_weak, model.embed_strong
+    assert all(torch.equal(a, b) for a, b in zip(weak.parameters(), strong.parameters()))
+    assert not any(p.requires_grad for p in strong.parameters())
+    with torch.no_grad():
+        for p in weak.parameters():
+            p.add_(1.0)
+    before = [s.clone() for s in strong.parameters()]
+    dist = lambda: sum((w - s).norm() for w, s in zip(weak.parameters(), strong.parameters()))
+    d0 = dist()
+    model.after_optimizer_step()
+    assert dist() < d0
+    for b, s, w in zip(before, strong.parameters(), weak.parameters()):
+        assert torch.allclose(s, 0.9 * b + 0.1 * w)
+    # converges to the weak head when the latter stops moving
+    for _ in range(200):
+        ema_update(strong, weak, 0.9)
+    assert dist() < 1e-4
+
+
+def test_freeze_encoder_and_param_groups():
+    model = tiny()
+    names = [n for n, _ in model.named_parameters()]
+    enc = [n for n in names if model.is_encoder_parameter(n)]
+    assert enc and all(n.startswith("encoder.") for n in enc)
+    assert any(n.startswith("pixel_decoder.encoder.") for n in names)  # not the backbone
+    assert not any(model.is_encoder_parameter(n) for n in names if n.startswith("pixel_decoder."))
+    groups = {g["name"]: g for g in model.param_groups(1e-3, 0.1)}
+    assert groups["encoder"]["lr"] == pytest.approx(1e-4)
+    assert len(groups["encoder"]["params"]) == len(enc)
+
+    frozen = tiny(freeze_encoder=True)
+    assert not any(p.requires_grad for p in frozen.encoder.parameters())
+    assert [g["name"] for g in frozen.param_groups(1e-3, 0.1)] == ["heads"]
+    frozen.train()
+    assert not frozen.encoder.training and frozen.pixel_decoder.training
+    x, targets = _two_image_problem()
+    frozen.compute_losses(frozen(x), targets)["loss"].backward()
+    assert all(p.grad is None for p in frozen.encoder.parameters())
+    assert all(p.grad is not None for p in frozen.transformer.parameters())
+
+
+def test_initialisation_is_sane():
+    model = tiny()
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
+            assert torch.all(m.weight == 1), f"{name}: norm gamma must start at 1"
+    level = model.pixel_decoder.level_embed
+    assert torch.isfinite(level).all() and 0.3 < level.std() < 3
+    attn = model.pixel_decoder.encoder.layers[0].self_attn
+    assert torch.all(attn.sampling_offsets.weight == 0) and attn.sampling_offsets.bias.abs().max() > 0
+
+
+def test_unknown_size_and_option_errors():
+    with pytest.raises(KeyError, match="unknown mask2former size"):
+        build_model("mask2former", K, size="huge")
+    with pytest.raises(TypeError, match="unknown mask2former option"):
+        build_model("mask2former", K, size="tiny", hiden_dim=3)
+    with pytest.raises(ValueError, match="dec_layers must be >= 3"):
+        build_model("mask2former", K, size="tiny", dec_layers=2)
+    with pytest.raises(ValueError, match="last encoder block"):
+        build_model("mask2former", K, size="tiny", out_layers=[0, 0, 0, 0])
+
+
+def _count(size: str) -> tuple[int, int]:
+    with torch.device("meta"):  # count without allocating (teacher_paper has ~350M params)
+        model = build_model("mask2former", 8, size=size)
+    enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder."))
+    return model.num_parameters(), enc
+
+
+def test_sizes_param_counts():
+    assert set(SIZES) >= {"tiny", "student_demo", "teacher_demo", "student_paper", "teacher_paper"}
+    assert all(set(v) <= set(DEFAULTS) for v in SIZES.values())
+    student, _ = _count("student_demo")
+    teacher, teacher_enc = _count("teacher_demo")
+    assert teacher >= 10 * student
+    assert teacher_enc > 0.6 * teacher  # adapting with a frozen encoder is cheap
+    paper_student, paper_enc = _count("student_paper")
+    assert 22.0e6 < paper_enc < 22.1e6  # ViT-S/14
+    assert 48e6 < paper_student < 56e6  # PAPER.md: about 52M
+    paper_teacher, paper_teacher_enc = _count("teacher_paper")
+    assert 304.0e6 < paper_teacher_enc < 304.5e6  # ViT-L/14
+    assert paper_teacher > 6 * paper_student
