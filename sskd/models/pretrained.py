@@ -61,29 +61,28 @@ def resolve_checkpoint_dir(path_or_id: str) -> Path:
                                      f"Hugging Face cache; " + _fix_hint(path_or_id)) from e
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_NAMES:
-        f = directory / name
-        if f.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                return load_file(str(f))
-            return torch.load(f, map_location="cpu", weights_only=True)
-    raise PretrainedWeightsError(f"{directory} has no weight file: expected one of "
-                                 f"{list(WEIGHT_NAMES)} (sharded checkpoints are not supported); "
-                                 + _fix_hint(directory.name))
+def _check_files(directory: Path) -> None:
+    if not (directory / CONFIG_NAME).is_file():
+        raise PretrainedWeightsError(f"{directory} lacks {CONFIG_NAME}; " + _fix_hint(directory.name))
+    names = [*WEIGHT_NAMES, *(n + ".index.json" for n in WEIGHT_NAMES)]  # single or sharded
+    if not any((directory / n).is_file() for n in names):
+        raise PretrainedWeightsError(f"{directory} has no weight file: expected one of "
+                                     f"{list(WEIGHT_NAMES)} (or a sharded *.index.json); "
+                                     + _fix_hint(directory.name))
 
 
 def load_dinov2_weights(encoder: Dinov2Model, path_or_id: str) -> Path:
     """Copy a HF Dinov2 checkpoint into ``encoder`` (in place); returns the checkpoint dir.
 
-    Raises :class:`PretrainedWeightsError` when files are missing, the architecture differs
-    (hidden size, depth, heads, patch, ...) or any tensor shape/key does not match.
+    transformers' own ``from_pretrained`` reads the files (it maps the checkpoint's legacy key
+    names, e.g. ``attention.attention.query``, to the current module names and strips a
+    ``dinov2.`` prefix); we then insist on an exact match. Raises
+    :class:`PretrainedWeightsError` when files are missing, the architecture differs (hidden
+    size, depth, heads, patch, ...) or any tensor is missing or has another shape.
     """
     directory = resolve_checkpoint_dir(str(path_or_id))
+    _check_files(directory)
     cfg_file = directory / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise PretrainedWeightsError(f"{directory} lacks {CONFIG_NAME}; " + _fix_hint(directory.name))
     ckpt_cfg = json.loads(cfg_file.read_text())
     if ckpt_cfg.get("model_type", "dinov2") != "dinov2":
         raise PretrainedWeightsError(f"{cfg_file} describes a {ckpt_cfg.get('model_type')!r} model, "
@@ -94,18 +93,18 @@ def load_dinov2_weights(encoder: Dinov2Model, path_or_id: str) -> Path:
         raise PretrainedWeightsError(f"checkpoint {directory} does not fit this encoder ({'; '.join(diffs)}); "
                                      "pick the model size made for it (student_paper <- dinov2-small, "
                                      "teacher_paper <- dinov2-large) or override encoder_* options")
-    state = read_state_dict(directory)
-    state = {k.removeprefix("dinov2."): v for k, v in state.items()}  # classifier checkpoints
-    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    loaded, info = Dinov2Model.from_pretrained(
+        str(directory), config=encoder.config, local_files_only=True, output_loading_info=True,
+        ignore_mismatched_sizes=True)  # report mismatches ourselves, with the fix
+    missing = sorted(info.get("missing_keys", []))
+    unexpected = sorted(k for k in info.get("unexpected_keys", [])
+                        if k.removeprefix("dinov2.") not in IGNORED_KEYS)
+    shapes = [f"{m[0]}: checkpoint {tuple(m[1])} vs model {tuple(m[2])}" if len(m) == 3 else str(m)
+              for m in info.get("mismatched_keys", [])]
     if missing or unexpected or shapes:
         raise PretrainedWeightsError(
             f"checkpoint {directory} does not match the encoder: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]} (position embeddings "
             f"depend on encoder_image_size: 518 for the facebook/dinov2-* checkpoints)")
-    encoder.load_state_dict(state, strict=True)
+    encoder.load_state_dict(loaded.state_dict(), strict=True)
     return directory
