@@ -20,24 +20,31 @@ negative is drawn with ``P(q) = w_q / sum w``, the next one the same way among t
 on. Two exact implementations:
 
 * ``method="gumbel"`` (Gumbel top-k): keys ``log w_q + G_q`` with i.i.d. Gumbel noise ``G``; the
-  ``R`` largest keys are an exact successive sample. It needs a key for EVERY candidate, i.e.
+  ``R`` largest keys are an exact successive sample. Computed in the equivalent exponential-race
+  form ``key = log(u_q) / w_q`` (``u ~ U(0, 1)``; the same ordering, one log fewer). It needs a key for EVERY candidate, i.e.
   an ``N x P`` matrix for ``N`` anchors and ``P`` candidate pixels, so it runs over chunks of
   ``c`` anchors at a time: peak extra memory ~ ``2 * 4 B * c * P`` (float sims/keys) +
   ``c * P`` B (exclusion mask) + ``8 B * N * R`` (indices), with
   ``c = max(1, chunk_elements // P)`` and ``chunk_elements = max(N * R, P, 2**20)`` by default,
   i.e. O(N R) (never the full N x P). Time is O(N P M) (``M`` = length of ``y``).
-* ``method="rejection"``: because ``0 <= w_q <= 1``, proposing ``q`` uniformly and accepting it
-  with probability ``w_q`` draws exactly ``P(q) ∝ w_q``; proposals that hit an already accepted
-  pixel are rejected too, which turns the accepted sequence into an exact successive sample
-  without replacement. Memory and time O(N R M / acceptance), independent of ``P``; rounds of
-  proposals are repeated until every anchor has ``R`` negatives (or gives up after
-  ``max_rounds``, then fills the rest with the Gumbel method).
+* ``method="rejection"``: because ``0 <= w_q <= 1``, proposing ``q`` uniformly from the ``P``
+  pixels and accepting it with probability ``w_q`` draws exactly ``P(q) ∝ w_q``; proposals that
+  are not allowed or hit an already accepted pixel are rejected too, which makes the accepted
+  sequence an exact successive sample without replacement. Time O(N R M / acceptance) and
+  memory ~ ``4 B * 4 * chunk_elements`` per chunk (the gathered ``y`` of ``rows x K`` proposals,
+  ``K ~ 1.5 R / acceptance``), both independent of ``P``. Anchors with little allowed weight
+  (total ``< 2 R`` or mean acceptance ``< 1/16``) use Gumbel top-k directly; anchors still short
+  of ``R`` after ``max_rounds`` rounds continue with Gumbel top-k over the candidates not yet
+  drawn (still exact: given its first draws, the rest of a successive sample is a successive
+  sample of the remaining candidates). Choose it when ``P`` is large (high-resolution maps).
 
 Not used: a uniformly pre-drawn candidate pool followed by weighted sampling inside the pool. It
 is exact only conditionally on the pool (the marginal ``P(q)`` becomes
 ``E_pool[w_q 1(q in pool) / W_pool]``, not ``w_q / W``), so it biases the distribution.
 
-Zero weights: weights are floored at ``1e-20`` for the Gumbel keys, so a zero-weight candidate is
+Zero weights: ``s_deb < 1e-6`` (float32 rounding noise of ``1 - cos`` for equal ``y``) counts
+as 0, and weights are floored at ``1e-20`` for the keys (a floored key never beats a positive
+one), so a zero-weight candidate is
 drawn only when fewer than ``R`` candidates have a positive weight, and then uniformly among the
 zero-weight ones; an anchor whose weights are ALL zero (its ``y`` equals every candidate's)
 therefore falls back to uniform sampling. Such anchors are counted in ``fallback_uniform``.
@@ -46,6 +53,7 @@ Slots that cannot be filled at all (fewer than ``R`` allowed candidates) get ind
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +62,9 @@ __all__ = ["FusedNegativeSampler", "NegativeSample", "SAMPLER_MODES", "CANDIDATE
 
 SAMPLER_MODES = ("fused", "mask_only", "class_only", "uniform")
 CANDIDATE_SETS = ("other_images", "batch")
-METHODS = ("gumbel",)  # "rejection": see below, not yet enabled
-_WEIGHT_FLOOR = 1e-20  # log-weight floor: zero-weight candidates lose to any positive weight
+METHODS = ("gumbel", "rejection")
+_WEIGHT_FLOOR = 1e-20  # key floor: zero-weight candidates lose to any positive weight
+_ZERO_TOL = 1e-6       # s_deb below this is float32 rounding of 1 - cos(y, y) and counts as 0
 
 
 @dataclass
@@ -83,7 +92,7 @@ class FusedNegativeSampler:
     def __init__(self, mode: str = "fused", num_negatives: int = 200,
                  generator: torch.Generator | None = None, *, candidates: str = "other_images",
                  method: str = "gumbel", chunk_elements: int | None = None,
-                 max_rounds: int = 64) -> None:
+                 max_rounds: int = 16) -> None:
         if mode not in SAMPLER_MODES:
             raise ValueError(f"sampler mode {mode!r} unknown; use one of {SAMPLER_MODES} "
                              "(config key pixel_contrast.sampler)")
@@ -137,6 +146,8 @@ class FusedNegativeSampler:
         R = self.num_negatives
         if anchors.numel() == 0:
             return NegativeSample(anchors.new_empty((0, R)), 0)
+        if self.method == "rejection":
+            return self._rejection(y, pixel_image, anchors, valid)
         return self._gumbel(y, pixel_image, anchors, valid)
 
     # ------------------------------------------------------------------------------ helpers
@@ -148,7 +159,6 @@ class FusedNegativeSampler:
         else:
             ex = rows[:, None] == cols[None, :]
         return ex | ~valid[cols][None, :]
-
 
     def _gumbel(self, y: torch.Tensor | None, pixel_image: torch.Tensor, anchors: torch.Tensor,
                 valid: torch.Tensor, exclude: torch.Tensor | None = None) -> NegativeSample:
@@ -171,18 +181,139 @@ class FusedNegativeSampler:
                 e = exclude[s:s + chunk]
                 r, c = (e >= 0).nonzero(as_tuple=True)
                 ex[r, e[r, c]] = True
-            if y is None:
-                keys = torch.zeros(rows.numel(), P, device=anchors.device)
-            else:
-                keys = (y[rows] @ y.T).neg_().add_(1.0).clamp_(min=0.0)  # c x P s_deb
-                keys.masked_fill_(ex, 0.0)
-                fallback += int((keys.amax(1) <= 0).sum())
-                keys.clamp_(min=_WEIGHT_FLOOR).log_()
-            noise = torch.empty_like(keys).exponential_(generator=self.generator)
-            keys.sub_(noise.log_())            # log w - log E(1)  ==  log w + Gumbel(0, 1)
-            del noise
+            # Exponential-race form of Gumbel top-k: key = log(u) / w = -E / w with E ~ Exp(1)
+            # orders candidates exactly like log w + Gumbel = -log(E / w), one log cheaper.
+            keys = torch.rand(rows.numel(), P, generator=self.generator, device=anchors.device)
+            keys.clamp_(min=torch.finfo(keys.dtype).tiny).log_()
+            if y is not None:
+                w = _s_deb(y[rows] @ y.T)                              # c x P
+                w.masked_fill_(ex, 0.0)
+                fallback += int((w.amax(1) <= 0).sum())
+                keys.div_(w.clamp_(min=_WEIGHT_FLOOR))
+                del w
             keys.masked_fill_(ex, float("-inf"))
             val, idx = keys.topk(k, dim=1)     # sorted: column j = (j+1)-th successive draw
             idx[val == float("-inf")] = -1     # fewer allowed candidates than R
             out[s:s + chunk, :k] = idx
         return NegativeSample(out, fallback)
+
+    # ------------------------------------------------------------------------------ rejection
+    def _allowed_mass(self, y: torch.Tensor | None, pixel_image: torch.Tensor,
+                      anchors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``N`` float: total weight ``sum_q s_deb(a, q)`` over each anchor's allowed candidates.
+
+        Exact in O((P + N) M) because ``s_deb = 1 - <y_a, y_q>`` is linear in ``y_q`` (the
+        ``max(0, .)`` never clips for non-negative unit vectors): ``count - <y_a, sum_q y_q>``.
+        """
+        B = int(pixel_image.max()) + 1
+        vf = valid.float()
+        n_img = torch.zeros(B, device=vf.device).index_add_(0, pixel_image, vf)
+        img = pixel_image[anchors]
+        if self.candidates == "other_images":
+            count = vf.sum() - n_img[img]
+        else:
+            count = vf.sum() - vf[anchors]
+        if y is None:
+            return count
+        s_img = torch.zeros(B, y.shape[1], device=y.device).index_add_(0, pixel_image,
+                                                                       y * vf[:, None])
+        ya = y[anchors]
+        if self.candidates == "other_images":
+            s = s_img.sum(0) - s_img[img]
+        else:
+            s = s_img.sum(0) - ya * vf[anchors][:, None]
+        return (count - (ya * s).sum(1)).clamp(min=0)
+
+    def _excluded_pairs(self, rows: torch.Tensor, pixel_image: torch.Tensor, prop: torch.Tensor,
+                        valid: torch.Tensor) -> torch.Tensor:
+        """``n x K`` bool: proposal ``prop[i, k]`` is not allowed for anchor ``rows[i]``."""
+        if self.candidates == "other_images":
+            ex = pixel_image[prop] == pixel_image[rows][:, None]
+        else:
+            ex = prop == rows[:, None]
+        return ex | ~valid[prop]
+
+    def _rejection(self, y: torch.Tensor | None, pixel_image: torch.Tensor,
+                   anchors: torch.Tensor, valid: torch.Tensor) -> NegativeSample:
+        """Exact successive sampling by uniform proposals accepted with probability ``w``.
+
+        Anchors with little allowed weight (total ``< 2 R`` or mean acceptance ``< 1/16``) and
+        anchors still short of ``R`` negatives after ``max_rounds`` continue with Gumbel top-k
+        on the candidates not yet drawn, which keeps the successive sample exact.
+        """
+        R = self.num_negatives
+        N, P = anchors.numel(), pixel_image.numel()
+        acc_all = self._allowed_mass(y, pixel_image, anchors, valid)
+        use = (acc_all >= 2 * R) & (acc_all >= P / 16)
+        acc = acc_all / P                                  # acceptance of one uniform proposal
+        out = anchors.new_full((N, R), -1)
+        filled = torch.zeros(N, dtype=torch.long, device=anchors.device)
+        sel = use.nonzero().flatten()
+        if sel.numel():
+            K = int(math.ceil(1.5 * R / float(acc[sel].min()))) + 8  # proposals per round
+            M = 1 if y is None else y.shape[1]
+            budget = self.chunk_elements or max(N * R, P, 1 << 20)
+            rows = max(1, 4 * budget // (K * (M + 2)))     # gathered y: rows x K x M floats
+            for s in range(0, sel.numel(), rows):
+                part = sel[s:s + rows]
+                out[part], filled[part] = self._rounds(y, pixel_image, anchors[part], valid, K)
+        rest = (filled < R).nonzero().flatten()
+        fallback = 0
+        if rest.numel():
+            more = self._gumbel(y, pixel_image, anchors[rest], valid, exclude=out[rest])
+            fallback = more.fallback_uniform
+            src = torch.arange(R, device=out.device)[None] - filled[rest][:, None]
+            cont = more.index.gather(1, src.clamp(min=0))  # Gumbel draws continue after `filled`
+            out[rest] = torch.where(src >= 0, cont, out[rest])
+        return NegativeSample(out, fallback)
+
+    def _rounds(self, y, pixel_image, rows, valid, K) -> tuple[torch.Tensor, torch.Tensor]:
+        """Proposal rounds for anchors ``rows``: ``(n x R negatives (-1 = unfilled), n filled)``."""
+        R, P, g = self.num_negatives, pixel_image.numel(), self.generator
+        dev = rows.device
+        out = rows.new_full((rows.numel(), R), -1)
+        filled = torch.zeros(rows.numel(), dtype=torch.long, device=dev)
+        for _ in range(self.max_rounds):
+            act = (filled < R).nonzero().flatten()
+            if act.numel() == 0:
+                break
+            a = rows[act]
+            prop = torch.randint(P, (act.numel(), K), generator=g, device=dev)
+            ok = ~self._excluded_pairs(a, pixel_image, prop, valid)
+            if y is not None:
+                w = _s_deb(torch.einsum("nm,nkm->nk", y[a], y[prop]))
+                ok &= torch.rand(w.shape, generator=g, device=dev) < w
+            # A hit on a pixel accepted before (earlier round or earlier in this round) is
+            # rejected: the accepted sequence is then an exact successive sample.
+            prev = out[act]
+            first = _first_occurrence(torch.cat([prev, prop], 1),
+                                      torch.cat([prev >= 0, ok], 1))[:, R:]
+            rank = first.long().cumsum(1) - 1
+            need = R - filled[act]
+            take = first & (rank < need[:, None])
+            r, k = take.nonzero(as_tuple=True)
+            out[act[r], filled[act][r] + rank[r, k]] = prop[r, k]
+            filled[act] += take.sum(1)
+        return out, filled
+
+
+def _s_deb(sim: torch.Tensor) -> torch.Tensor:
+    """In place: cosine of the y's -> ``max(0, 1 - sim)``, rounding noise below 1e-6 set to 0."""
+    w = sim.neg_().add_(1.0)
+    return w.masked_fill_(w < _ZERO_TOL, 0.0)
+
+
+def _first_occurrence(seq: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``n x L`` bool: ``ok[i, j]`` and no ``ok`` entry before ``j`` in row ``i`` equals ``seq[i, j]``."""
+    n, L = seq.shape
+    big = int(seq.max()) + 1 if seq.numel() else 1
+    pos = torch.arange(L, device=seq.device)
+    # Sort by (value, position) with every non-ok entry after all ok ones; an ok entry repeats a
+    # value iff its predecessor in that order is ok with the same value.
+    order = (torch.where(ok, seq, big) * L + pos).argsort(dim=1)
+    sv = torch.gather(torch.where(ok, seq, -1), 1, order)
+    so = torch.gather(ok, 1, order)
+    rep = torch.zeros_like(ok)
+    rep[:, 1:] = so[:, 1:] & so[:, :-1] & (sv[:, 1:] == sv[:, :-1])
+    dup = torch.zeros_like(ok).scatter_(1, order, rep)
+    return ok & ~dup
