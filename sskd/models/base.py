@@ -188,6 +188,9 @@ def resolve_overlaps(masks: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Callable[..., Segmenter]] = {}
+# Models whose module needs an optional dependency register when first built (or loaded), so
+# that importing sskd never imports that dependency; a missing one gives a clear ImportError.
+_LAZY_MODULES = {"detectron2": "sskd.integrations.detectron2_model"}
 
 
 def register_model(name: str) -> Callable:
@@ -208,6 +211,9 @@ def list_models() -> list[str]:
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> Segmenter:
     """Build a registered segmenter by name (see :func:`list_models`)."""
+    if name not in _REGISTRY and name in _LAZY_MODULES:
+        import importlib
+        importlib.import_module(_LAZY_MODULES[name])  # registers it (or explains the install)
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; registered: {list_models()}")
     model = _REGISTRY[name](num_classes=num_classes, **kwargs)
