@@ -29,8 +29,22 @@ def _source_datasets(run: Run) -> dict[str, Dataset]:
         if not js:
             raise ValueError(f"data.{split}_json is empty: set it to the {split} annotation json "
                              f"of your {cfg.kind} dataset (relative to data.root={root})")
-        out[split] = reader(root / js, root / im)
+        # ADE20K's reader finds images/<split> beside the json when no image dir is given
+        out[split] = reader(root / js, (root / im) if im else None) if cfg.kind == "ade20k" \
+            else reader(root / js, root / im)
     return out
+
+
+def _extra_unlabeled(run: Run, train: Dataset) -> Dataset | None:
+    if not run.cfg.data.unlabeled_dir:
+        return None
+    from sskd.data.folder import read_image_folder
+    extra = read_image_folder(Path(run.cfg.data.root) / run.cfg.data.unlabeled_dir,
+                              classes=train.classes)
+    clash = {r.image_id for r in extra.records} & {r.image_id for r in train.records}
+    if clash:
+        raise ValueError(f"data.unlabeled_dir images share ids with the train set: {sorted(clash)[:5]}")
+    return extra
 
 
 def prepare_data(run: Run | str | Path) -> dict:
@@ -42,6 +56,9 @@ def prepare_data(run: Run | str | Path) -> dict:
     sets = _source_datasets(run)
     train, val = sets["train"], sets["val"]
     split = make_splits([r.image_id for r in train.records], cfg.labeled_fraction, cfg.split_seed)
+    extra = _extra_unlabeled(run, train)
+    if extra is not None:  # an extra folder of unlabeled images joins D_u
+        split["unlabeled"] = sorted(split["unlabeled"] + [r.image_id for r in extra.records])
     val_ids = sorted(r.image_id for r in val.records)
     if cfg.max_val:
         val_ids = val_ids[: cfg.max_val]
@@ -65,6 +82,10 @@ def load_datasets(run: Run | str | Path, with_source: bool = False) -> dict[str,
     from sskd.data.splits import read_split
     run = as_run(run)
     sets = _source_datasets(run)
+    extra = _extra_unlabeled(run, sets["train"])
+    if extra is not None:
+        sets["train"] = Dataset(sets["train"].records + extra.records, sets["train"].classes,
+                                "train", sets["train"].category_ids)
     out = {name: sets[src].subset(read_split(run.dir.split(name)), name=name)
            for name, src in (("labeled", "train"), ("unlabeled", "train"), ("val", "val"))}
     if with_source and "source" in sets:
