@@ -20,6 +20,8 @@ from sskd.data.records import write_json_atomic
 from sskd.rundir import MODEL_TAGS, RunDir
 
 MISSING = "—"
+#: stage names of metrics.json "stages", in pipeline order (others follow alphabetically)
+STAGE_ORDER = ("teacher_pretrain", "zero_shot", "adapt_teacher", "transfer", "refine")
 #: the claims need the student this many times smaller than the teacher (PAPER.md: ~11x)
 MIN_PARAM_RATIO = 10.0
 
@@ -148,6 +150,10 @@ def without_figures(md: str) -> str:
     """The report markdown minus its figure section (for display inside a notebook, where the
     PNG links do not resolve; the notebook draws the figures itself)."""
     return re.sub(r"\n## Figures\n.*?(?=\n## |\nRaw numbers|\Z)", "", md, flags=re.S)
+
+
+def _ordered(keys: Any, order: Sequence[str]) -> list[str]:
+    return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -331,8 +337,8 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
     if pl:
         parts += ["## Pseudo-label quality on D_u (hidden ground truth, never used in training)",
                   markdown_table(["pseudo-labels of", "AP", "AP50"],
-                                 [[f"`{t}`", fmt(v.get("AP")), fmt(v.get("AP50"))]
-                                  for t, v in pl.items()])]
+                                 [[f"`{t}`", fmt(pl[t].get("AP")), fmt(pl[t].get("AP50"))]
+                                  for t in _ordered(pl, MODEL_TAGS)])]
     ab = ablations_section(metrics, cfg)
     parts += ["## Ablations", ab or "No ablations were run (config key `ablations`)."]
     eff = efficiency_table(metrics.get("efficiency", []))
@@ -341,8 +347,8 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
     if stages:
         parts += ["## Stage wall time", markdown_table(
             ["stage", "seconds", "note"],
-            [[s, fmt(v.get("seconds")), "cached" if v.get("cached") else ""]
-             for s, v in stages.items()])]
+            [[s, fmt(stages[s].get("seconds")), "cached" if stages[s].get("cached") else ""]
+             for s in _ordered(stages, STAGE_ORDER)])]
     if figures:
         parts.append("## Figures")
         parts += [f"![{cap}]({fname})" for cap, fname in figures.items()]

@@ -67,7 +67,8 @@ def test_build_report_writes_all_files_with_exact_tables(run_dir):
         "| teacher / student | 10.9x | 4.4x | 4.6x | 0.2x | 7.0x |",
         "| `teacher_zero_shot` | 23.0 | 21.0 |",                    # per-class AP
         "| `teacher_zero_shot` | 20.0 | 40.0 |",                    # pseudo-label AP on D_u
-        "| teacher_pretrain | 0.0 | cached |",
+        "| stage | seconds | note |\n|---|---|---|\n| teacher_pretrain | 0.0 | cached |\n"
+        "| zero_shot | 12.5 |  |",                                 # pipeline order
     ]:
         assert row in md, row
     assert "overrides: `pixel_contrast.sampler=uniform`" in md
