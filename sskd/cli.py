@@ -1,0 +1,134 @@
+"""Command line: ``sskd run`` (papermill over the stage notebooks), ``sskd app``, ``sskd presets``.
+
+    sskd run [--preset P] [--name N] [-f params.yaml] [-p key value]... [--from STAGE]
+             [--only STAGE] [--force] [--runs-root DIR] [--notebooks-dir DIR] [--dry-run]
+    sskd app RUN            open a run in the FiftyOne app (RUN: run name or run dir)
+    sskd presets            list the shipped presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from sskd import config as config_mod
+from sskd.config import ConfigError, list_presets
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value: YAML (``false``, ``[1, 2]``, ``0.1``), plus ``1e-3`` as a float (YAML 1.1
+    reads exponent notation without a dot as a string, which the config would reject)."""
+    if _FLOAT.match(text.strip()):
+        return float(text)
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sskd", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute the stage notebooks of a run with papermill")
+    run.add_argument("--preset", default="demo", help="config preset (see `sskd presets`)")
+    run.add_argument("--name", default=None, help="run name (default: the preset name)")
+    run.add_argument("-f", "--params", dest="params_file", default=None,
+                     help="YAML file of config keys (nested or dotted), applied after the preset")
+    run.add_argument("-p", "--param", dest="params", nargs=2, action="append", default=[],
+                     metavar=("KEY", "VALUE"),
+                     help="dotted config key and YAML value, e.g. -p stages.refine.enabled false")
+    run.add_argument("--from", dest="from_stage", default=None,
+                     help="re-run this notebook and all later ones (e.g. 02 or adapt_teacher)")
+    run.add_argument("--only", default=None, help="run only this notebook")
+    run.add_argument("--force", action="store_true", help="re-run completed notebooks too")
+    run.add_argument("--runs-root", default="runs", help="parent dir of run dirs")
+    run.add_argument("--notebooks-dir", default=None, help="dir of the NN_*.ipynb notebooks")
+    run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    run.add_argument("--log-output", action="store_true", help="stream notebook output here")
+    run.add_argument("--dry-run", action="store_true",
+                     help="resolve and save the config, print the plan, execute nothing")
+
+    app = sub.add_parser("app", help="open a run in the FiftyOne app")
+    app.add_argument("run", help="run name (under --runs-root) or path of a run dir")
+    app.add_argument("--runs-root", default="runs", help="parent dir of run dirs")
+
+    sub.add_parser("presets", help="list the shipped config presets")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sskd.runner import NotebookFailed, RunnerError, run_notebooks
+
+    overrides: dict[str, Any] = {}
+    for key, value in args.params:
+        overrides[key] = parse_value(value)
+    name = args.name or args.preset or "default"
+    try:
+        results = run_notebooks(
+            name, preset=args.preset, runs_root=args.runs_root, overrides=overrides,
+            params_file=args.params_file, from_stage=args.from_stage, only=args.only,
+            force=args.force, notebooks_dir=args.notebooks_dir, kernel_name=args.kernel,
+            log_output=args.log_output, dry_run=args.dry_run)
+    except NotebookFailed as e:
+        print(f"sskd run: {e}", file=sys.stderr)
+        return 1
+    except (RunnerError, ConfigError) as e:
+        print(f"sskd run: {e}", file=sys.stderr)
+        return 2
+    ran = sum(r.status == "ran" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    print(f"[sskd] run {name!r}: {ran} notebook(s) executed, {skipped} skipped; "
+          f"outputs in {Path(args.runs_root) / name}")
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        run_dir = Path(args.runs_root) / args.run
+    if not (run_dir / "config.yaml").is_file():
+        print(f"sskd app: no run dir at {args.run} or {run_dir} (no config.yaml); "
+              "run `sskd run --name NAME` first", file=sys.stderr)
+        return 2
+    try:
+        from sskd.inspect.app import launch_app
+    except ImportError as e:  # FiftyOne export missing or fiftyone not installed
+        print(f"sskd app: the FiftyOne app is unavailable ({e}); install the pinned fiftyone "
+              "(`make install`) and check that sskd.inspect.app exists", file=sys.stderr)
+        return 2
+    launch_app(run_dir)
+    return 0
+
+
+def cmd_presets(_: argparse.Namespace) -> int:
+    names = list_presets()
+    if not names:
+        print(f"no presets found in {config_mod.PRESET_DIR}", file=sys.stderr)
+        return 1
+    for name in names:
+        print(f"{name:20s} {_describe(config_mod.PRESET_DIR / f'{name}.yaml')}")
+    return 0
+
+
+def _describe(path: Path) -> str:
+    """First comment line of a preset file (its one-line description), if any."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"run": cmd_run, "app": cmd_app, "presets": cmd_presets}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Batch execution of the ordered stage notebooks with papermill (``sskd run``).
+
+The runner resolves the config (preset -> parameter file -> ``-p`` overrides), saves it as the
+run dir's ``config.yaml`` before the first notebook, then executes ``notebooks/NN_*.ipynb`` in
+order with the parameters ``{preset, run_name, runs_root, overrides}``. Executed copies go to
+``runs/<name>/notebooks/``; a completed notebook leaves a marker
+``runs/<name>/notebooks/.done/<stem>.json`` and is skipped on the next run (resume) unless
+``force`` is set or it is at/after ``from_stage``. Re-executing a notebook drops the markers of
+it and every later notebook, since their results depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from sskd.config import Config, config_hash, load_config, read_config, save_config
+from sskd.rundir import RunDir
+
+KERNEL_NAME = "python3"  # the venv's ipykernel (``python -m ipykernel install --sys-prefix``)
+NOTEBOOK_PATTERN = re.compile(r"^(\d+)_(.+)\.ipynb$")
+
+#: extra names accepted by --from/--only for the standard notebooks (stage function names)
+STAGE_ALIASES = {
+    "prepare_data": "00", "data": "00",
+    "zero_shot": "01", "zero_shot_teacher": "01",
+    "adapt_teacher": "02", "teacher_adaptation": "02",
+    "transfer": "03", "knowledge_transfer": "03",
+    "refine": "04", "student_refinement": "04",
+    "report": "05",
+}
+
+
+class RunnerError(RuntimeError):
+    """A runner setting is wrong (unknown stage, missing notebooks dir); the message says the fix."""
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised. ``cell`` is the 0-based index of the failing cell in the *source*
+    notebook (markdown cells counted, papermill's injected-parameters cell not)."""
+
+    def __init__(self, notebook: str, cell: int, exec_count: int | None, source_line: str,
+                 ename: str, evalue: str, output_path: Path, resume_hint: str = "") -> None:
+        self.notebook, self.cell, self.exec_count = notebook, cell, exec_count
+        self.source_line, self.ename, self.evalue = source_line, ename, evalue
+        self.output_path = Path(output_path)
+        where = f"cell {cell}" + (f" (In [{exec_count}])" if exec_count else "")
+        msg = (f"notebook {notebook} failed in {where}: `{source_line}`\n"
+               f"{ename}: {evalue}\n"
+               f"executed copy with the full traceback: {self.output_path}")
+        if resume_hint:
+            msg += f"\n{resume_hint}"
+        super().__init__(msg)
+
+
+@dataclass
+class NotebookResult:
+    """What happened to one notebook: ``status`` is "ran", "skipped" or "planned" (dry run)."""
+
+    name: str
+    status: str
+    seconds: float
+    output_path: Path
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def default_notebooks_dir() -> Path:
+    """``./notebooks`` when it exists (a checkout), else the one next to the installed package."""
+    here = Path.cwd() / "notebooks"
+    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def discover_notebooks(notebooks_dir: str | Path) -> list[Path]:
+    """The ``NN_name.ipynb`` files of ``notebooks_dir``, ordered by their number."""
+    d = Path(notebooks_dir)
+    if not d.is_dir():
+        raise RunnerError(f"notebooks dir {d} does not exist; pass --notebooks-dir DIR "
+                          "(the folder holding 00_data.ipynb ...)")
+    found = [p for p in d.iterdir() if NOTEBOOK_PATTERN.match(p.name)]
+    if not found:
+        raise RunnerError(f"no NN_name.ipynb notebooks in {d}; pass --notebooks-dir DIR")
+    return sorted(found, key=lambda p: (int(NOTEBOOK_PATTERN.match(p.name).group(1)), p.name))
+
+
+def resolve_stage(stage: str, notebooks: list[Path]) -> int:
+    """Index in ``notebooks`` of a stage given as ``02``, ``2``, ``02_teacher_adaptation``,
+    ``teacher_adaptation``, ``02_teacher_adaptation.ipynb`` or a stage alias (``adapt_teacher``)."""
+    key = STAGE_ALIASES.get(stage, stage).removesuffix(".ipynb")
+    for i, nb in enumerate(notebooks):
+        num, rest = NOTEBOOK_PATTERN.match(nb.name).groups()
+        if key in (nb.stem, rest) or (key.isdigit() and int(key) == int(num)):
+            return i
+    names = ", ".join(nb.stem for nb in notebooks)
+    raise RunnerError(f"unknown stage {stage!r}; use a notebook number or name ({names}) "
+                      f"or one of {sorted(STAGE_ALIASES)}")
+
+
+def enter_project_root() -> Path:
+    """Make relative paths (``runs/``, ``data/``) mean the same interactively and in batch.
+
+    JupyterLab started on ``notebooks/`` runs kernels there, while ``sskd run`` runs them in the
+    project root. Called first in every notebook: when the working dir is a ``notebooks`` folder
+    whose parent is an sskd checkout, change to the parent. Returns the working dir.
+    """
+    cwd = Path.cwd()
+    if cwd.name == "notebooks" and (cwd.parent / "sskd").is_dir():
+        os.chdir(cwd.parent)
+    return Path.cwd()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def flatten_overrides(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; ``ablations`` and empty dicts stay whole."""
+    flat: dict[str, Any] = {}
+    for k, v in nested.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v and key != "ablations":
+            flat.update(flatten_overrides(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def nest_overrides(overrides: Mapping[str, Any]) -> dict:
+    """``{"a.b": 1, "c": {"d.e": 2}}`` -> ``{"a": {"b": 1}, "c": {"d": {"e": 2}}}``.
+
+    Values are kept as given (already typed): unlike :func:`sskd.config.parse_overrides` no
+    string is YAML-parsed again, so ``"123"`` stays a string.
+    """
+    nested: dict = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and key != "ablations":
+            value = nest_overrides(value)
+        node = nested
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _deep_merge(node[parts[-1]], value) if isinstance(
+            node.get(parts[-1]), dict) and isinstance(value, Mapping) else value
+    return nested
+
+
+def resolve_config(run_name: str, preset: str = "demo", runs_root: str = "runs",
+                   params_file: str | Path | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> tuple[Config, dict]:
+    """Preset -> parameter file -> ``overrides`` (dotted keys, typed values) -> run name/root.
+
+    Later wins. Returns the config and the nested overrides (parameter file + ``overrides``)
+    that the notebooks receive, so a notebook re-run alone rebuilds the same config.
+    """
+    nested = _params_file(params_file) if params_file else {}
+    nested = _deep_merge(nested, nest_overrides(dict(overrides or {})))
+    # nested, not dotted: parse_overrides YAML-parses only top-level string values again
+    cfg = load_config(preset, overrides=nested, run_name=run_name, runs_root=str(runs_root))
+    return cfg, nested
+
+
+def _params_file(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunnerError(f"parameter file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RunnerError(f"parameter file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RunnerError(f"parameter file {path} must hold a mapping of config keys")
+    return nest_overrides(data)  # accepts nested keys and dotted keys alike
+
+
+def _deep_merge(a: dict, b: Mapping) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(
+            out.get(k), dict) and k != "ablations" else v
+    return out
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _marker(run_dir: RunDir, nb: Path) -> Path:
+    return run_dir.notebooks / ".done" / f"{nb.stem}.json"
+
+
+def run_notebooks(run_name: str, preset: str = "demo", runs_root: str | Path = "runs",
+                  overrides: Mapping[str, Any] | None = None,
+                  params_file: str | Path | None = None, from_stage: str | None = None,
+                  only: str | None = None, force: bool = False,
+                  notebooks_dir: str | Path | None = None, kernel_name: str = KERNEL_NAME,
+                  cwd: str | Path | None = None, log_output: bool = False,
+                  progress_bar: bool = True, dry_run: bool = False,
+                  echo: Callable[[str], None] = print) -> list[NotebookResult]:
+    """Execute the stage notebooks of one run in order; see the module docstring.
+
+    ``cwd`` is the kernels' working dir (default: the current one), so relative ``runs_root``
+    and data paths resolve as they do for the caller. Raises :class:`NotebookFailed` at the
+    first failing notebook (later ones are not run) and :class:`RunnerError` on bad settings.
+    """
+    if from_stage and only:
+        raise RunnerError("give either --from or --only, not both")
+    notebooks = discover_notebooks(notebooks_dir or default_notebooks_dir())
+    start = resolve_stage(from_stage, notebooks) if from_stage else len(notebooks)
+    selected = [resolve_stage(only, notebooks)] if only else range(len(notebooks))
+
+    cfg, nested = resolve_config(run_name, preset, str(runs_root), params_file, overrides)
+    run_dir = RunDir(Path(runs_root) / run_name)
+    _warn_config_change(run_dir, cfg, notebooks, echo)
+    save_config(cfg, run_dir.config)  # before the first notebook, as the notebooks read it
+    chash = config_hash(cfg)
+    params = {"preset": preset, "run_name": run_name, "runs_root": str(runs_root),
+              "overrides": nested}
+
+    results: list[NotebookResult] = []
+    for i in selected:
+        nb = notebooks[i]
+        out = run_dir.notebooks / nb.name
+        done = _marker(run_dir, nb).is_file()
+        if done and not force and not only and i < start:
+            echo(f"[sskd] skip {nb.name} (completed; --force or --from {nb.stem} re-runs it)")
+            results.append(NotebookResult(nb.name, "skipped", 0.0, out))
+            continue
+        if dry_run:
+            echo(f"[sskd] would run {nb.name} -> {out}")
+            results.append(NotebookResult(nb.name, "planned", 0.0, out))
+            continue
+        for later in notebooks[i:]:  # results downstream of this notebook become stale
+            _marker(run_dir, later).unlink(missing_ok=True)
+        echo(f"[sskd] run {nb.name} -> {out}")
+        seconds = _execute(nb, out, params, kernel_name, cwd, log_output, progress_bar,
+                           resume_hint=f"fix it, then resume with: sskd run --name {run_name} "
+                                       f"--runs-root {runs_root} (completed notebooks are skipped)")
+        marker = _marker(run_dir, nb)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"seconds": round(seconds, 2), "config_hash": chash,
+                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        echo(f"[sskd] done {nb.name} in {seconds:.1f} s")
+        results.append(NotebookResult(nb.name, "ran", seconds, out))
+    return results
+
+
+def _execute(nb: Path, out: Path, params: dict, kernel_name: str, cwd: str | Path | None,
+             log_output: bool, progress_bar: bool, resume_hint: str) -> float:
+    import papermill as pm  # imported lazily: `sskd presets` need not pay for it
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel_name,
+                            cwd=str(cwd or Path.cwd()), log_output=log_output,
+                            progress_bar=progress_bar)
+    except pm.PapermillExecutionError as e:
+        cell = _source_cell_index(out, e.cell_index)
+        first = next((ln for ln in str(e.source).splitlines() if ln.strip()), "").strip()
+        raise NotebookFailed(nb.name, cell, e.exec_count, first, e.ename, e.evalue, out,
+                             resume_hint) from None
+    return time.perf_counter() - t0
+
+
+def _source_cell_index(executed: Path, cell_index: int) -> int:
+    """Map papermill's cell index (executed copy) to the source notebook's index by not
+    counting the injected-parameters cell (papermill's error banner is added after it fails)."""
+    try:
+        import nbformat
+
+        cells = nbformat.read(str(executed), as_version=4).cells
+    except Exception:  # noqa: BLE001 - unreadable copy: fall back to papermill's index
+        return cell_index
+    cells = [c for c in cells if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+    injected = sum(1 for c in cells[:cell_index]
+                   if "injected-parameters" in c.metadata.get("tags", []))
+    return cell_index - injected
+
+
+def _warn_config_change(run_dir: RunDir, cfg: Config, notebooks: list[Path],
+                        echo: Callable[[str], None]) -> None:
+    """Completed notebooks are skipped on resume; say so when the config has changed since."""
+    if not run_dir.config.is_file():
+        return
+    try:
+        old = config_hash(read_config(run_dir.config))
+    except Exception:  # noqa: BLE001 - a broken old config is simply replaced
+        return
+    if old == config_hash(cfg):
+        return
+    done = [nb.stem for nb in notebooks if _marker(run_dir, nb).is_file()]
+    if done:
+        echo(f"[sskd] warning: the config of {run_dir.root} changed; completed notebooks "
+             f"{done} keep their old results (use --force or --from STAGE to recompute)")
