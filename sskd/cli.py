@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="execute the stage notebooks of a run with papermill")
-    run.add_argument("--preset", default="demo", help="config preset (see `sskd presets`)")
-    run.add_argument("--name", default=None, help="run name (default: the preset name)")
+    run.add_argument("--preset", default=None,
+                     help="config preset (see `sskd presets`); default: an existing run keeps its "
+                          "saved config (-f/-p apply on top), a new run uses demo")
+    run.add_argument("--name", default=None, help="run name (default: the preset name, or demo)")
     run.add_argument("-f", "--params", dest="params_file", default=None,
                      help="YAML file of config keys (nested or dotted), applied after the preset")
     run.add_argument("-p", "--param", dest="params", nargs=2, action="append", default=[],
@@ -67,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     for key, value in args.params:
         overrides[key] = parse_value(value)
-    name = args.name or args.preset or "default"
+    name = args.name or args.preset or "demo"
     try:
         results = run_notebooks(
             name, preset=args.preset, runs_root=args.runs_root, overrides=overrides,

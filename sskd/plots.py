@@ -265,13 +265,15 @@ def ap_per_stage(models: Mapping[str, dict], tags: Sequence[str] | None = None,
 
 
 def efficiency_bars(efficiency: Sequence[Mapping[str, Any]]) -> Figure:
-    """One panel per efficiency metric present, one bar per model (teacher vs student)."""
+    """One panel per efficiency metric present, one bar per model (teacher vs student);
+    ratio rows (``is_ratio``) are left out."""
+    efficiency = [e for e in efficiency if not e.get("is_ratio")]
     keys = [(k, lab) for k, lab in EFFICIENCY_KEYS if any(e.get(k) is not None for e in efficiency)]
     fig = Figure(figsize=(2.6 * max(1, len(keys)), 3.0), layout="constrained")
     if not keys:
         _empty(fig.add_subplot(), "no efficiency measurements")
         return fig
-    names = [str(e.get("model", f"model {i}")) for i, e in enumerate(efficiency)]
+    names = [str(e.get("name", e.get("model", f"model {i}"))) for i, e in enumerate(efficiency)]
     colors = [f"C{i}" for i in range(len(names))]
     for i, (key, label) in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), i + 1)

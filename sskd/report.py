@@ -104,18 +104,35 @@ def per_class_table(models: Mapping[str, dict]) -> str:
     return markdown_table(["model"] + classes, rows)
 
 
+def efficiency_name(row: Mapping[str, Any], i: int = 0) -> str:
+    """Row label of an efficiency entry (``name``, as sskd.evaluation.efficiency writes it, or
+    ``model``)."""
+    return str(row.get("name", row.get("model", f"model {i}")))
+
+
 def efficiency_table(efficiency: Sequence[Mapping[str, Any]]) -> str:
+    """Measured rows, then ratio rows (``is_ratio``; computed teacher / student when absent)."""
     from sskd.plots import EFFICIENCY_KEYS
 
-    if not efficiency:
+    models = [e for e in efficiency if not e.get("is_ratio")]
+    if not models:
         return ""
-    rows = [[e.get("model", "?")] + [fmt(e.get(k), 2) for k, _ in EFFICIENCY_KEYS] for e in efficiency]
-    by = {e.get("model"): e for e in efficiency}
-    t, s = by.get("teacher"), by.get("student")
-    if t and s:  # teacher / student ratio: how much the distillation saves
-        rows.append(["teacher / student"] + [
-            f"{t[k] / s[k]:.1f}x" if t.get(k) and s.get(k) else MISSING for k, _ in EFFICIENCY_KEYS])
+    rows = [[efficiency_name(e, i)] + [_sig(e.get(k)) for k, _ in EFFICIENCY_KEYS]
+            for i, e in enumerate(models)]
+    ratios = [e for e in efficiency if e.get("is_ratio")]
+    by = {efficiency_name(e): e for e in models}
+    if not ratios and "teacher" in by and "student" in by:  # how much the distillation saves
+        t, s = by["teacher"], by["student"]
+        ratios = [{"name": "teacher / student", **{k: t[k] / s[k] for k, _ in EFFICIENCY_KEYS
+                                                    if t.get(k) and s.get(k)}}]
+    rows += [[efficiency_name(r)] + [f"{r[k]:.1f}x" if r.get(k) else MISSING
+                                     for k, _ in EFFICIENCY_KEYS] for r in ratios]
     return markdown_table(["model"] + [lab for _, lab in EFFICIENCY_KEYS], rows)
+
+
+def _sig(v: Any) -> str:
+    """4 significant digits: efficiency numbers span 0.007 GFLOPs to 5600 MB."""
+    return MISSING if v is None else f"{float(v):.4g}"
 
 
 def dataset_summary(datasets: Mapping[str, Any]) -> str:
@@ -213,7 +230,7 @@ def _ap(models: Mapping[str, dict], tag: str) -> float | None:
 def _params(metrics: Mapping[str, Any], tag: str, role: str) -> float | None:
     p = metrics.get("models", {}).get(tag, {}).get("params")
     if p is None:  # fall back to the efficiency table's count of that role
-        e = next((e for e in metrics.get("efficiency", []) if e.get("model") == role), None)
+        e = next((e for e in metrics.get("efficiency", []) if efficiency_name(e) == role), None)
         p = e["params_M"] * 1e6 if e and e.get("params_M") else None
     return None if p is None else float(p)
 

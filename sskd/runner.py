@@ -11,6 +11,7 @@ it and every later notebook, since their results depend on it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sskd.config import Config, config_hash, load_config, read_config, save_config
+from sskd.config import (Config, config_hash, from_dict, load_config, read_config,
+                         save_config, to_dict, validate)
 from sskd.rundir import RunDir
 
 KERNEL_NAME = "python3"  # the venv's ipykernel (``python -m ipykernel install --sys-prefix``)
@@ -164,6 +166,18 @@ def resolve_config(run_name: str, preset: str = "demo", runs_root: str = "runs",
     return cfg, nested
 
 
+def update_config(cfg: Config, run_name: str, runs_root: str,
+                  params_file: str | Path | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> tuple[Config, dict]:
+    """An existing run's config with ``params_file`` then ``overrides`` applied on top."""
+    nested = _params_file(params_file) if params_file else {}
+    nested = _deep_merge(nested, nest_overrides(dict(overrides or {})))
+    new = from_dict(_deep_merge(to_dict(cfg), {**nested, "run_name": run_name,
+                                               "runs_root": runs_root}))
+    validate(new)
+    return new, nested
+
+
 def _params_file(path: str | Path) -> dict:
     import yaml
 
@@ -194,7 +208,7 @@ def _marker(run_dir: RunDir, nb: Path) -> Path:
     return run_dir.notebooks / ".done" / f"{nb.stem}.json"
 
 
-def run_notebooks(run_name: str, preset: str = "demo", runs_root: str | Path = "runs",
+def run_notebooks(run_name: str, preset: str | None = None, runs_root: str | Path = "runs",
                   overrides: Mapping[str, Any] | None = None,
                   params_file: str | Path | None = None, from_stage: str | None = None,
                   only: str | None = None, force: bool = False,
@@ -204,6 +218,10 @@ def run_notebooks(run_name: str, preset: str = "demo", runs_root: str | Path = "
                   echo: Callable[[str], None] = print) -> list[NotebookResult]:
     """Execute the stage notebooks of one run in order; see the module docstring.
 
+    Config: with ``preset`` given, or for a new run, it is resolved from the preset (default
+    "demo"), ``params_file`` and ``overrides`` (dotted keys, typed values) and replaces the
+    run's ``config.yaml``. With ``preset=None`` on an existing run, the saved config is kept
+    and ``params_file``/``overrides`` are applied on top (so a plain resume changes nothing).
     ``cwd`` is the kernels' working dir (default: the current one), so relative ``runs_root``
     and data paths resolve as they do for the caller. Raises :class:`NotebookFailed` at the
     first failing notebook (later ones are not run) and :class:`RunnerError` on bad settings.
@@ -214,11 +232,18 @@ def run_notebooks(run_name: str, preset: str = "demo", runs_root: str | Path = "
     start = resolve_stage(from_stage, notebooks) if from_stage else len(notebooks)
     selected = [resolve_stage(only, notebooks)] if only else range(len(notebooks))
 
-    cfg, nested = resolve_config(run_name, preset, str(runs_root), params_file, overrides)
-    run_dir = RunDir(Path(runs_root) / run_name)
+    cwd = Path(cwd) if cwd else Path.cwd()
+    run_dir = RunDir(cwd / runs_root / run_name)  # a relative runs_root means the kernels' cwd
+    if preset is None and run_dir.config.is_file():
+        cfg, nested = update_config(read_config(run_dir.config), run_name, str(runs_root),
+                                    params_file, overrides)
+        preset = cfg.preset
+    else:
+        preset = "demo" if preset is None else preset
+        cfg, nested = resolve_config(run_name, preset, str(runs_root), params_file, overrides)
     _warn_config_change(run_dir, cfg, notebooks, echo)
     save_config(cfg, run_dir.config)  # before the first notebook, as the notebooks read it
-    chash = config_hash(cfg)
+    chash = _results_hash(cfg)
     params = {"preset": preset, "run_name": run_name, "runs_root": str(runs_root),
               "overrides": nested}
 
@@ -250,7 +275,7 @@ def run_notebooks(run_name: str, preset: str = "demo", runs_root: str | Path = "
     return results
 
 
-def _execute(nb: Path, out: Path, params: dict, kernel_name: str, cwd: str | Path | None,
+def _execute(nb: Path, out: Path, params: dict, kernel_name: str, cwd: Path,
              log_output: bool, progress_bar: bool, resume_hint: str) -> float:
     import papermill as pm  # imported lazily: `sskd presets` need not pay for it
 
@@ -258,7 +283,7 @@ def _execute(nb: Path, out: Path, params: dict, kernel_name: str, cwd: str | Pat
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel_name,
-                            cwd=str(cwd or Path.cwd()), log_output=log_output,
+                            cwd=str(cwd), log_output=log_output,
                             progress_bar=progress_bar)
     except pm.PapermillExecutionError as e:
         cell = _source_cell_index(out, e.cell_index)
@@ -283,16 +308,21 @@ def _source_cell_index(executed: Path, cell_index: int) -> int:
     return cell_index - injected
 
 
+def _results_hash(cfg: Config) -> str:
+    """Hash of what determines results: where the run dir lives (a moved runs root) does not."""
+    return config_hash(dataclasses.replace(cfg, run_name="", runs_root=""))
+
+
 def _warn_config_change(run_dir: RunDir, cfg: Config, notebooks: list[Path],
                         echo: Callable[[str], None]) -> None:
     """Completed notebooks are skipped on resume; say so when the config has changed since."""
     if not run_dir.config.is_file():
         return
     try:
-        old = config_hash(read_config(run_dir.config))
+        old = read_config(run_dir.config)
     except Exception:  # noqa: BLE001 - a broken old config is simply replaced
         return
-    if old == config_hash(cfg):
+    if _results_hash(old) == _results_hash(cfg):
         return
     done = [nb.stem for nb in notebooks if _marker(run_dir, nb).is_file()]
     if done:

@@ -59,6 +59,18 @@ def test_run_precedence_preset_file_p_and_saved_config(presets, nbdir, tmp_path,
     assert saved["stages"]["refine"]["enabled"] is False
     assert (saved["preset"], saved["run_name"], saved["runs_root"]) == ("base", "exp", str(tmp_path / "runs"))
 
+    # resume without --preset: the saved config is kept, -p applies on top of it
+    assert cli.main(["run", "--name", "exp", "-p", "data.max_val", "2", "--dry-run",
+                     "--runs-root", str(tmp_path / "runs"), "--notebooks-dir", str(nbdir)]) == 0
+    again = yaml.safe_load((tmp_path / "runs" / "exp" / "config.yaml").read_text())
+    assert again["data"]["max_val"] == 2
+    assert {k: v for k, v in again.items() if k != "data"} == {k: v for k, v in saved.items() if k != "data"}
+    # an explicit --preset re-resolves from the preset
+    assert cli.main(["run", "--preset", "base", "--name", "exp", "--dry-run",
+                     "--runs-root", str(tmp_path / "runs"), "--notebooks-dir", str(nbdir)]) == 0
+    fresh = yaml.safe_load((tmp_path / "runs" / "exp" / "config.yaml").read_text())
+    assert (fresh["seed"], fresh["data"]["max_val"], fresh["stages"]["refine"]["enabled"]) == (1, 4, True)
+
 
 def test_run_executes_and_passes_overrides(presets, nbdir, tmp_path, capsys):
     args = ["run", "--preset", "base", "--name", "x", "--runs-root", str(tmp_path / "runs"),

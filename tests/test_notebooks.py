@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from sskd.runner import discover_notebooks, run_notebooks
 
@@ -73,6 +74,10 @@ def test_all_notebooks_execute_on_smoke(tmp_path):
     for stage in STAGES:
         assert metrics["stages"][stage]["done"] is True, stage
     assert {"teacher_zero_shot", "teacher_adapted", "student_transfer", "student_refined"} <= set(metrics["models"])
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert set(metrics["ablations"]) == set(cfg["ablations"])  # 05 ran every configured ablation
+    assert [e.get("name", e.get("model")) for e in metrics["efficiency"]
+            if not e.get("is_ratio")] == ["teacher", "student"]
     report = (run / "report" / "report.md").read_text()
     assert "## Claims" in report and (run / "report" / "report.html").is_file()
     # resume: nothing left to do

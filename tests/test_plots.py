@@ -178,8 +178,10 @@ def test_efficiency_bars_panel_per_metric():
     assert [p.get_height() for p in fig.axes[0].patches] == [5.0, 0.5]
     assert [p.get_height() for p in fig.axes[3].patches] == [100.0, 250.0]
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["teacher", "student"]
-    partial = plots.efficiency_bars([{"model": "teacher", "params_M": 5.0}, {"model": "student", "params_M": 1.0}])
-    assert len(partial.axes) == 1
+    partial = plots.efficiency_bars([{"name": "teacher", "params_M": 5.0}, {"name": "student", "params_M": 1.0},
+                                     {"name": "teacher / student", "is_ratio": True, "params_M": 5.0}])
+    assert len(partial.axes) == 1 and len(partial.axes[0].patches) == 2
+    assert [t.get_text() for t in partial.axes[0].get_xticklabels()] == ["teacher", "student"]
 
 
 # --------------------------------------------------------------------------- images

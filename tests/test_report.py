@@ -63,7 +63,7 @@ def test_build_report_writes_all_files_with_exact_tables(run_dir):
         "| student after stage 2 | `student_transfer` | 32.2 | 56.5 | 52M |",
         "| student after stage 3 | `student_refined` | 33.9 | 58.7 | 52M |",
         "| `student_transfer` | 29.4 | 50.0 | 32.2 | -2.8 |",        # ablation vs main run
-        "| teacher | 568.00 | 880.00 | 350.90 | 2.85 | 5600.00 |",
+        "| teacher | 568 | 880 | 350.9 | 2.85 | 5600 |",
         "| teacher / student | 10.9x | 4.4x | 4.6x | 0.2x | 7.0x |",
         "| `teacher_zero_shot` | 23.0 | 21.0 |",                    # per-class AP
         "| `teacher_zero_shot` | 20.0 | 40.0 |",                    # pseudo-label AP on D_u
@@ -107,6 +107,8 @@ def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
                                "models": {"student_transfer": {"AP": 2.0}}}}}
     c = report.check_claims(m, cfg)
     assert c[1].status == "PASS" and "20.0x fewer" in c[1].detail
+    m["efficiency"] = [{"name": "teacher", "params_M": 30.0}, {"name": "student", "params_M": 1.0}]
+    assert "30.0x fewer" in report.check_claims(m, cfg)[1].detail
     assert c[2].status == "FAIL"
     assert c[2].detail == ("`student_transfer`: fused 2.0 (ablation neg) vs uniform 3.0 (main run) "
                            "(-1.0 AP)")
@@ -143,6 +145,17 @@ def test_markdown_to_html_subset():
     assert ("<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td>"
             "<td><code>c</code></td></tr></tbody></table>") in html
     assert '<p><img alt="fig" src="f.png"></p>' in html
+
+
+def test_efficiency_table_uses_given_ratio_rows_and_names():
+    rows = [{"name": "teacher", "params_M": 0.1759, "gflops": 0.007904768},
+            {"name": "student", "params_M": 0.02, "gflops": 0.001},
+            {"name": "teacher / student", "is_ratio": True, "params_M": 8.795, "gflops": 7.9}]
+    md = report.efficiency_table(rows)
+    assert "| teacher | 0.1759 | 0.007905 | — | — | — |" in md
+    assert "| teacher / student | 8.8x | 7.9x | — | — | — |" in md
+    assert md.count("teacher / student") == 1
+    assert report.efficiency_table([]) == ""
 
 
 def test_without_figures_and_precision_summary():
