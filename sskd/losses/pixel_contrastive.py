@@ -118,7 +118,7 @@ def temperature_at(step: int, total: int, start: float, end: float,
 # --------------------------------------------------------------------------- loss
 
 
-def _to_grid(x: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
+def _to_grid(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize a ``B x C x H x W`` map to the embedding grid ``size``.
 
     Float maps (``y``) use area averaging when both sides shrink (each embedding cell sees the
@@ -145,6 +145,37 @@ def _sample_anchors(valid: torch.Tensor, num_anchors: int,
     return flat[val >= 0]
 
 
+class _NegativeCosine(torch.autograd.Function):
+    """``cos[n, r] = <za[n], zs[idx[n, r]]>`` without keeping the ``N x R x D`` gathered ``zs``.
+
+    ``za``: ``N x D`` (with grad), ``zs``: ``P x D`` (no grad), ``idx``: ``N x R`` long.
+    Forward and backward gather ``zs`` for a chunk of anchors at a time (``<= 2**20`` gathered
+    elements, or one anchor), so memory is O(N R) besides the inputs, not O(N R D).
+    """
+
+    @staticmethod
+    def forward(ctx, za: torch.Tensor, zs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(za, zs, idx)
+        out = za.new_empty(idx.shape)
+        for s, e in _chunks(idx, za.shape[1]):
+            out[s:e] = torch.einsum("nd,nrd->nr", za[s:e], zs[idx[s:e]])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        za, zs, idx = ctx.saved_tensors
+        g = torch.empty_like(za)
+        for s, e in _chunks(idx, za.shape[1]):
+            g[s:e] = torch.einsum("nr,nrd->nd", grad[s:e], zs[idx[s:e]])
+        return g, None, None
+
+
+def _chunks(idx: torch.Tensor, D: int, budget: int = 1 << 20):
+    N, R = idx.shape
+    step = max(1, budget // max(1, R * D))
+    return [(s, min(N, s + step)) for s in range(0, N, step)]
+
+
 def pixel_contrastive_loss(z_weak: torch.Tensor, z_strong: torch.Tensor,
                            y: torch.Tensor | None = None, *, num_anchors: int,
                            num_negatives: int, temperature: float,
@@ -154,7 +185,8 @@ def pixel_contrastive_loss(z_weak: torch.Tensor, z_strong: torch.Tensor,
                            pm: torch.Tensor | None = None, pc: torch.Tensor | None = None,
                            class_ids: torch.Tensor | None = None,
                            valid: torch.Tensor | None = None,
-                           candidates: str = "other_images") -> tuple[torch.Tensor, dict]:
+                           candidates: str = "other_images",
+                           method: str = "gumbel") -> tuple[torch.Tensor, dict]:
     """L_pxl of one batch and its diagnostics.
 
     Args:
@@ -180,6 +212,8 @@ def pixel_contrastive_loss(z_weak: torch.Tensor, z_strong: torch.Tensor,
         valid: ``B x H' x W'`` bool, pixels with image content (``Views.valid``); others are
             neither anchors nor negatives. ``None`` = all valid.
         candidates: ``"other_images"`` (default) | ``"batch"``, see the sampler module.
+        method: ``"gumbel"`` (default) | ``"rejection"``: two exact samplers, the second one
+            independent of ``h*w`` (faster on large maps), see the sampler module.
 
     Returns:
         ``(loss, diagnostics)``: ``loss`` a scalar (0 with a graph when no anchor exists);
@@ -206,7 +240,8 @@ def pixel_contrastive_loss(z_weak: torch.Tensor, z_strong: torch.Tensor,
         raise ValueError(f"num_anchors must be >= 1 (config key pixel_contrast.num_anchors), "
                          f"got {num_anchors!r}")
     if isinstance(sampler, str):
-        sampler = FusedNegativeSampler(sampler, num_negatives, generator, candidates=candidates)
+        sampler = FusedNegativeSampler(sampler, num_negatives, generator, candidates=candidates,
+                                       method=method)
     B, D, h, w = z_weak.shape
     dev = z_weak.device
     size = (h, w)
@@ -221,12 +256,12 @@ def pixel_contrastive_loss(z_weak: torch.Tensor, z_strong: torch.Tensor,
             y = fused_pseudo_probabilities(pm, pc, sampler.mode)
         if y.ndim != 4 or y.shape[0] != B:
             raise ValueError(f"y must be B x M x h x w with B = {B}, got {tuple(y.shape)}")
-        y = F.normalize(_to_grid(y.detach().float(), size, "y"), dim=1)
+        y = F.normalize(_to_grid(y.detach().float(), size), dim=1)
         y_flat = y.permute(0, 2, 3, 1).reshape(B * h * w, -1)
     else:
         y_flat = None
     valid_flat = (torch.ones(B, h * w, dtype=torch.bool, device=dev) if valid is None
-                  else _to_grid(valid[:, None].bool(), size, "valid")[:, 0].reshape(B, h * w))
+                  else _to_grid(valid[:, None].bool(), size)[:, 0].reshape(B, h * w))
     pixel_image = torch.arange(B, device=dev).repeat_interleave(h * w)
 
     anchors = _sample_anchors(valid_flat, num_anchors, generator)
@@ -238,7 +273,7 @@ def pixel_contrastive_loss(z_weak: torch.Tensor, z_strong: torch.Tensor,
     zs = F.normalize(z_strong.detach().float(), dim=1).permute(0, 2, 3, 1).reshape(B * h * w, D)
     za = zw[anchors]                                                  # N x D (with grad)
     cos_pos = (za * zs[anchors]).sum(-1)                              # N
-    cos_neg = torch.einsum("nd,nrd->nr", za, zs[idx.clamp(min=0)])    # N x R
+    cos_neg = _NegativeCosine.apply(za, zs, idx.clamp(min=0))         # N x R
     logits = torch.cat([cos_pos[:, None], cos_neg], 1) / temperature
     logits = logits.masked_fill(torch.cat([torch.zeros_like(filled[:, :1]), ~filled], 1),
                                 float("-inf"))
@@ -271,14 +306,14 @@ def _diagnostics(cos_pos, cos_neg, filled, temperature, anchors, idx, size, inst
         instance_ids = instance_ids_from_probabilities(pm, pc)
     safe = idx.clamp(min=0)
     if instance_ids is not None and n_neg:
-        ids = _to_grid(instance_ids[:, None].long(), size, "instance_ids").flatten()
+        ids = _to_grid(instance_ids[:, None].long(), size).flatten()
         same = (ids[anchors][:, None] == ids[safe]) & (ids[anchors][:, None] >= 0)
         same &= (anchors[:, None] // hw) == (safe // hw)      # instance ids are per image
         out["fnr"] = float(same[filled].float().mean())
     else:
         out["fnr"] = nan
     if class_ids is not None and n_neg:
-        cls = _to_grid(class_ids[:, None].long(), size, "class_ids").flatten()
+        cls = _to_grid(class_ids[:, None].long(), size).flatten()
         same = (cls[anchors][:, None] == cls[safe]) & (cls[anchors][:, None] >= 0)
         out["same_class_rate"] = float(same[filled].float().mean())
     else:

@@ -312,3 +312,21 @@ def test_temperature_schedules():
     assert temperature_at(10, 100, 0.0, 0.07) == 0.07     # temperature_start 0 = no annealing
     with pytest.raises(ValueError, match="schedule"):
         temperature_at(1, 10, 0.3, 0.07, "exp")
+
+
+def test_chunked_negative_cosine_matches_autograd_einsum(monkeypatch):
+    """The memory-saving negative-similarity op has the plain einsum's values and gradients."""
+    import sskd.losses.pixel_contrastive as pc_mod
+    orig = pc_mod._chunks
+    monkeypatch.setattr(pc_mod, "_chunks", lambda idx, D: orig(idx, D, budget=2 * 3 * 4))  # 2 rows
+    za = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    zs = torch.randn(9, 4, dtype=torch.float64)
+    idx = torch.randint(9, (5, 3), generator=_gen())
+    got = pc_mod._NegativeCosine.apply(za, zs, idx)
+    ref = torch.einsum("nd,nrd->nr", za, zs[idx])
+    assert torch.allclose(got, ref)
+    gout = torch.randn(5, 3, dtype=torch.float64)
+    (g1,) = torch.autograd.grad(got, za, gout)
+    (g2,) = torch.autograd.grad(ref, za, gout)
+    assert torch.allclose(g1, g2)
+    assert torch.autograd.gradcheck(lambda a: pc_mod._NegativeCosine.apply(a, zs, idx), (za,))
