@@ -1,17 +1,23 @@
 """Size presets of the Mask2Former family (DINOv2 encoder + DPT neck + Mask2Former decoder).
 
-Parameter counts measured with ``build_model("mask2former", 3, size=...)`` (3 classes,
-projection heads included; the EMA strong head is counted although it is not trainable):
+Parameter counts measured with ``build_model("mask2former", K, size=...)`` (``K = 3``; ``K = 8``
+adds 5 x (hidden_dim + 1) to the class head); projection heads included, the EMA strong head too
+although it is not trainable. "enc" is the DINOv2 encoder's share.
 
-=============== ======== ===================================== ==================================
-size            params   encoder (ViT)                         decoder
-=============== ======== ===================================== ==================================
-tiny            TBD      32-d, 2 layers, patch 8               hidden 32, 4 queries, 2 dec layers
-student_demo    TBD      TBD                                   TBD
-teacher_demo    TBD      TBD                                   TBD
-student_paper   TBD      DINOv2-S ViT-S/14, layers [2,5,8,11]  hidden 384, 100 queries, 9 layers
-teacher_paper   TBD      DINOv2-L ViT-L/14, layers [5,11,17,23] hidden 384, 100 queries, 9 layers
-=============== ======== ===================================== ==================================
+============= ========== ===== ======================================= =================================
+size          params     enc   encoder (Dinov2Model)                   Mask2Former decoder
+============= ========== ===== ======================================= =================================
+tiny          0.176 M    19 %  32-d, 2 blocks, 2 heads, patch 8        hidden 32, 4 queries, 3 layers
+student_demo  1.053 M    45 %  96-d, 4 blocks, 3 heads, patch 8        hidden 64, 10 queries, 4 layers
+teacher_demo  12.76 M    78 %  320-d, 8 blocks, 5 heads, patch 8       hidden 128, 16 queries, 4 layers
+student_paper 51.24 M    43 %  ViT-S/14 (DINOv2-S), taps [2,5,8,11]   hidden 384, 100 queries, 9 layers
+teacher_paper 346.8 M    88 %  ViT-L/14 (DINOv2-L), taps [5,11,17,23]  hidden 384, 100 queries, 9 layers
+============= ========== ===== ======================================= =================================
+
+teacher_demo / student_demo = 12.1x params (PAPER.md: 568M / 52M = 10.9x). The paper student
+comes to 51.2M (PAPER.md: about 52M) with a 4 x hidden decoder FFN (1536). Paper sizes store
+position embeddings for 518 px (37 x 37 patches) so the ``facebook/dinov2-small`` /
+``facebook/dinov2-large`` checkpoints load as is; any multiple of 14 works as input.
 
 Every key of a size can be overridden by keyword (``build_model(..., hidden_dim=64)``); see
 :data:`DEFAULTS` for the meaning of each key.
@@ -66,18 +72,21 @@ SIZES: dict[str, dict[str, Any]] = {
                  feature_size=64, mask_feature_size=32, pixel_decoder_layers=1,
                  pixel_decoder_ffn=64, hidden_dim=32, num_queries=4, num_heads=2, dec_layers=3,
                  dim_feedforward=64, embed_dim=16, train_num_points=256),
-    "student_demo": dict(encoder_hidden=128, encoder_layers=4, encoder_heads=4, patch_size=8,
+    # demo pair at 64 px (patch 8 -> 8x8 tokens): teacher ~12x the student, 78% of it in the
+    # encoder (frozen while the stand-in foundation teacher adapts); 512 loss points suffice
+    # for 16x16 mask logits and cut ~12% of a student step vs 1024
+    "student_demo": dict(encoder_hidden=96, encoder_layers=4, encoder_heads=3, patch_size=8,
                          encoder_image_size=64, out_layers=[0, 1, 2, 3],
-                         neck_channels=[32, 64, 96, 128], feature_size=64, mask_feature_size=64,
+                         neck_channels=[32, 48, 64, 96], feature_size=64, mask_feature_size=64,
                          pixel_decoder_layers=2, pixel_decoder_ffn=128, hidden_dim=64,
                          num_queries=10, num_heads=4, dec_layers=4, dim_feedforward=256,
-                         embed_dim=128, train_num_points=1024),
-    "teacher_demo": dict(encoder_hidden=384, encoder_layers=8, encoder_heads=6, patch_size=8,
+                         embed_dim=128, train_num_points=512),
+    "teacher_demo": dict(encoder_hidden=320, encoder_layers=8, encoder_heads=5, patch_size=8,
                          encoder_image_size=64, out_layers=[1, 3, 5, 7],
                          neck_channels=[64, 128, 192, 256], feature_size=128,
                          mask_feature_size=128, pixel_decoder_layers=2, pixel_decoder_ffn=256,
-                         hidden_dim=128, num_queries=20, num_heads=4, dec_layers=6,
-                         dim_feedforward=512, embed_dim=128, train_num_points=1024),
+                         hidden_dim=128, num_queries=16, num_heads=4, dec_layers=4,
+                         dim_feedforward=512, embed_dim=128, train_num_points=512),
     "student_paper": dict(),  # the DEFAULTS are the paper student (DINOv2-S)
     "teacher_paper": dict(encoder_hidden=1024, encoder_layers=24, encoder_heads=16,
                           out_layers=[5, 11, 17, 23], neck_channels=[256, 512, 1024, 1024]),
