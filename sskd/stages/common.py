@@ -69,7 +69,7 @@ def pretrained_teacher(run: Run, datasets: dict[str, Dataset], progress: bool = 
               desc="teacher pretrain (source)")
         update_metrics(run.dir.metrics, "stages", "teacher_pretrain",
                        {"seconds": round(time.perf_counter() - t0, 1), "done": True, "cached": False})
-    else:
+    elif "teacher_pretrain" not in read_metrics(run.dir.metrics)["stages"]:
         update_metrics(run.dir.metrics, "stages", "teacher_pretrain",
                        {"seconds": 0.0, "done": True, "cached": True, "cache": str(root)})
     return load_model(paths.model_dir)

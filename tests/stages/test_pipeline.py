@@ -1,0 +1,74 @@
+"""The stages on the smoke preset: artifacts in the run dir, metrics, skip-when-done, ablations."""
+
+import json
+
+import pytest
+
+from sskd.metrics import read_metrics
+from sskd.rundir import MODEL_TAGS
+from sskd.stages import (adapt_teacher, load_datasets, open_run, prepare_data, refine,
+                         run_ablations, transfer, zero_shot)
+
+
+def _open(tmp_path, name="r", **extra):
+    ov = {"cache_dir": str(tmp_path / "cache"), "data.root": str(tmp_path / "data"), **extra}
+    return open_run(name, preset="smoke", runs_root=str(tmp_path / "runs"), overrides=ov)
+
+
+@pytest.mark.slow
+def test_all_stages_write_their_artifacts_and_skip_finished_work(tmp_path):
+    run = _open(tmp_path)
+    summary = prepare_data(run)
+    assert summary["labeled"] + summary["unlabeled"] == 16 and summary["val"] == 6
+    ds = load_datasets(run)
+    assert {r.image_id for r in ds["labeled"]}.isdisjoint(r.image_id for r in ds["unlabeled"])
+    zero_shot(run, progress=False)
+    adapt_teacher(run, progress=False)
+    transfer(run, progress=False)
+    refine(run, progress=False)
+    m = read_metrics(run.dir.metrics)
+    assert set(m["models"]) == set(MODEL_TAGS)
+    for tag, res in m["models"].items():
+        assert 0.0 <= res["AP"] <= 100.0 and res["params"] > 0, tag
+    assert m["stages"]["teacher_pretrain"]["cached"] is False
+    for tag in ("teacher_zero_shot", "teacher_1a", "teacher_adapted"):
+        lines = run.dir.pseudo_labels(tag).read_text().splitlines()
+        assert [json.loads(l)["image_id"] for l in lines] == [r.image_id for r in ds["unlabeled"]]
+        assert tag in m["pseudo_labels"]  # quality against the hidden ground truth
+    # teacher parameters are >= the student's (smoke uses tiny for both: equal)
+    assert m["models"]["teacher_adapted"]["params"] >= m["models"]["student_refined"]["params"]
+
+    # re-running a finished stage loads its weights instead of training again
+    model_file = run.dir.model_dir("student_transfer") / "model.pt"
+    before = model_file.stat().st_mtime_ns
+    transfer(run, progress=False)
+    assert model_file.stat().st_mtime_ns == before
+
+    # a second run on the same machine reuses the cached stand-in teacher
+    other = _open(tmp_path, "r2")
+    prepare_data(other)
+    zero_shot(other, progress=False)
+    assert read_metrics(other.dir.metrics)["stages"]["teacher_pretrain"]["cached"] is True
+
+    res = run_ablations(run, progress=False)
+    assert set(res) == {"uniform_negatives"}
+    child = run.dir.root / "ablations" / "uniform_negatives"
+    assert (child / "config.yaml").read_text().count("sampler: uniform") == 1
+    assert "student_transfer" in read_metrics(run.dir.metrics)["ablations"]["uniform_negatives"]["models"]
+
+
+def test_disabled_stages_and_missing_inputs(tmp_path):
+    run = _open(tmp_path, **{"stages.transfer.enabled": False})
+    prepare_data(run)
+    with pytest.raises(FileNotFoundError, match="stage 3 starts from the stage-2 student"):
+        refine(run, progress=False)
+
+
+def test_open_run_keeps_and_updates_the_saved_config(tmp_path):
+    run = _open(tmp_path)
+    assert run.dir.config.is_file()
+    again = open_run("r", runs_root=str(tmp_path / "runs"),
+                     overrides={"stages.refine.train.steps": 7})
+    assert again.cfg.stages.refine.train.steps == 7
+    assert again.cfg.data.root == str(tmp_path / "data")  # kept from the first open
+    assert "steps: 7" in run.dir.config.read_text()
