@@ -119,6 +119,11 @@ class PixelContrastConfig:
     num_anchors: int = 256            # anchor pixels subsampled per image
     num_negatives: int = 200          # R negatives per anchor, drawn without replacement
     sampler: str = "fused"            # "fused" | "uniform" | "mask_only" | "class_only"
+    # Where negatives come from: "batch" (every other pixel of the batch, the anchor's own image
+    # included) or "other_images" (PAPER.md's impl. note). With "other_images" no negative can
+    # lie in the anchor's instance, so FNR is 0 by construction and the debiasing only acts
+    # across images; "batch" is the setting where instance-aware sampling matters.
+    candidates: str = "batch"
     embed_dim: int = 128              # projection-head output dimension
 
 
@@ -305,6 +310,9 @@ def validate(cfg: Config) -> None:
     if cfg.pixel_contrast.sampler not in ("fused", "uniform", "mask_only", "class_only"):
         raise ConfigError(f"pixel_contrast.sampler must be fused|uniform|mask_only|class_only, "
                           f"got {cfg.pixel_contrast.sampler!r}")
+    if cfg.pixel_contrast.candidates not in ("batch", "other_images"):
+        raise ConfigError(f"pixel_contrast.candidates must be batch|other_images, "
+                          f"got {cfg.pixel_contrast.candidates!r}")
     if cfg.data.kind not in ("synthetic", "coco", "cityscapes", "ade20k"):
         raise ConfigError(f"data.kind must be synthetic|coco|cityscapes|ade20k, got {cfg.data.kind!r}")
     if cfg.pixel_contrast.temperature <= 0:

@@ -230,7 +230,8 @@ def _pixel_loss(model: Segmenter, out: SegmenterOutput, strong: torch.Tensor, ta
     loss, diag = pixel_contrastive_loss(
         z_weak.float(), z_strong.float(), None if y is None else y.float(),
         num_anchors=pc.num_anchors, num_negatives=pc.num_negatives, temperature=temp,
-        sampler=pc.sampler, generator=g, instance_ids=ids, valid=valid.to(z_weak.device))
+        sampler=pc.sampler, generator=g, instance_ids=ids, valid=valid.to(z_weak.device),
+        candidates=pc.candidates)
     keep = {k: float(v) for k, v in diag.items() if k in ("margin", "fnr") and v is not None}
     keep["temperature"] = float(temp)
     return loss, keep
