@@ -39,6 +39,7 @@ COLUMNS = [  # (key, header, format)
     ("throughput_img_s", "throughput (img/s)", "{:.1f}"),
     ("peak_mem_MB", "peak mem (MB)", "{:.0f}"),
     ("s_per_step", "train s/step", "{:.3f}"),
+    ("cpu_s_per_step", "train CPU s/step", "{:.3f}"),  # steadier than wall time on busy CPUs
 ]
 
 
