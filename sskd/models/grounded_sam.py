@@ -19,6 +19,9 @@ Pipeline of :meth:`GroundedSamTeacher.forward` for ``B x 3 x H x W`` images in [
    64`` for SAM ViT / SAM2's stride-16 FPN level; cropped to the image), i.e. the frozen
    foundation features every mask is decoded from.
 
+Sizes: "tiny" runs SAM at 64 px (32 x 32 masks, 8 x 8 embeddings) whatever the input size;
+its detector needs inputs >= 64 px (GroupNorm on the coarsest level needs more than 1 x 1).
+
 Adaptation (stage 1) trains only the parts named in ``trainable``; the image encoders (detector
 backbone, SAM image encoder) and the text encoder stay frozen and in eval mode, as VFM
 adaptation does. Groups: ``class_head`` (the calibration), ``box_head`` (the detector's box MLP,
@@ -41,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sskd.models import grounded_sam_configs as gc
-from sskd.models.base import Prediction, Segmenter, SegmenterOutput, register_model, resolve_overlaps
+from sskd.models.base import (Prediction, Segmenter, SegmenterOutput, register_model,
+                              resolve_overlaps)
 from sskd.models.grounded_sam_loss import LossWeights, set_prediction_loss
 from sskd.models.heads import ProjectionHead, ema_update
 
@@ -100,8 +104,8 @@ class GroundedSamTeacher(Segmenter):
         # Grounding DINO's phrase delimiters default to bert-base ids; use this tokenizer's
         detector.model.special_tokens = gc.delimiter_token_ids(tokenizer)
         self.class_calibration = ClassCalibration(num_classes, *calibration_init)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for key, value in (("pixel_mean", IMAGENET_MEAN), ("pixel_std", IMAGENET_STD)):
+            self.register_buffer(key, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
         channels = self._embedding_channels()
         self.embed_weak = ProjectionHead(channels, embed_dim)
         self.embed_strong = ProjectionHead(channels, embed_dim)
@@ -115,15 +119,17 @@ class GroundedSamTeacher(Segmenter):
             return "class_head"
         if name.startswith(("detector.bbox_embed.", "detector.model.decoder.bbox_embed.")):
             return "box_head"
-        if name.startswith(("detector.model.decoder.", "detector.model.query_position_embeddings.")):
+        if name.startswith(("detector.model.decoder.",
+                            "detector.model.query_position_embeddings.")):
             return "decoder"
         if name.startswith(("detector.model.encoder.", "detector.model.input_proj_vision.",
                             "detector.model.level_embed", "detector.model.text_projection.")):
             return "fusion_encoder"
         if name.startswith("sam.mask_decoder."):
-            unused = ("sam.mask_decoder.output_hypernetworks_mlps.", "sam.mask_decoder.pred_obj_score_head.")
-            if name.startswith(unused[1]) or (name.startswith(unused[0])
-                                              and not name.startswith(unused[0] + "0.")):
+            hyper, obj = ("sam.mask_decoder.output_hypernetworks_mlps.",
+                          "sam.mask_decoder.pred_obj_score_head.")
+            multimask_only = name.startswith(hyper) and not name.startswith(hyper + "0.")
+            if multimask_only or name.startswith(obj):
                 return None  # multimask-only / object-score parts: unused by single-mask prompts
             return "mask_decoder"
         return None
@@ -132,8 +138,8 @@ class GroundedSamTeacher(Segmenter):
         """Unfreeze exactly the named groups (see :data:`TRAINABLE_GROUPS`) + the weak head."""
         unknown = sorted(set(trainable) - set(TRAINABLE_GROUPS))
         if unknown:
-            raise ValueError(f"grounded_sam trainable={list(trainable)}: unknown part(s) {unknown}; "
-                             f"valid: {list(TRAINABLE_GROUPS)}")
+            raise ValueError(f"grounded_sam trainable={list(trainable)}: unknown part(s) "
+                             f"{unknown}; valid: {list(TRAINABLE_GROUPS)}")
         self.trainable = tuple(trainable)
         for name, p in self.named_parameters(remove_duplicate=False):
             p.requires_grad_(False)
@@ -170,11 +176,13 @@ class GroundedSamTeacher(Segmenter):
         if embeddings not in EMBEDDING_MODES:
             raise ValueError(f"embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}")
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"grounded_sam expects B x 3 x H x W images, got {tuple(images.shape)}")
+            raise ValueError(f"grounded_sam expects B x 3 x H x W images, got "
+                             f"{tuple(images.shape)}")
         class_logits, boxes = self._detect(images)
         if 0 < self.num_mask_queries < class_logits.shape[1]:
             keep = class_logits.max(-1).values.topk(self.num_mask_queries, dim=1).indices
-            class_logits = class_logits.gather(1, keep[..., None].expand(-1, -1, class_logits.shape[-1]))
+            class_logits = class_logits.gather(
+                1, keep[..., None].expand(-1, -1, class_logits.shape[-1]))
             boxes = boxes.gather(1, keep[..., None].expand(-1, -1, 4))
         feats, embed = self._image_features(images)
         mask_logits, iou = self._prompt_masks(feats, boxes, images.shape[-2:])
@@ -193,7 +201,7 @@ class GroundedSamTeacher(Segmenter):
         return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
     def _detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> calibrated class logits ``B x Q x C`` and boxes ``B x Q x 4`` (all prompts' queries)."""
+        """-> calibrated class logits ``B x Q x C``, boxes ``B x Q x 4`` (all prompts' queries)."""
         B, _, H, W = images.shape
         x = images
         if self.detector_size > 0:  # the processor's "shortest edge" resize (longest <= 1333)
@@ -214,7 +222,7 @@ class GroundedSamTeacher(Segmenter):
         return torch.cat(all_logits, 1), torch.cat(all_boxes, 1)
 
     def _scatter_classes(self, per_class: torch.Tensor, class_ids: list[int]) -> torch.Tensor:
-        """``B x Q x K`` logits of a prompt's classes -> ``B x Q x C`` (absent classes: FILL_LOGIT)."""
+        """``B x Q x K`` logits of a prompt's classes -> ``B x Q x C`` (others: FILL_LOGIT)."""
         if len(class_ids) == self.num_classes:
             return per_class
         full = per_class.new_full(per_class.shape[:2] + (self.num_classes,), FILL_LOGIT)
@@ -251,7 +259,7 @@ class GroundedSamTeacher(Segmenter):
             vis = self.sam.vision_encoder(x)
         if self.mask_model_name == "sam":
             feats = emb = vis.last_hidden_state                           # B x Cs x S/p x S/p
-        else:  # SAM2: the first two FPN levels feed the decoder's high-res path (as get_image_features)
+        else:  # SAM2: FPN levels 0/1 feed the decoder's high-res path (as get_image_features)
             f0, f1, f2 = vis.fpn_hidden_states[:3]
             dec = self.sam.mask_decoder
             emb = f2 + self.sam.no_memory_embedding.view(1, -1, 1, 1)
@@ -274,7 +282,8 @@ class GroundedSamTeacher(Segmenter):
         return masks, out.iou_scores[:, :, 0]
 
     # -- losses and inference -----------------------------------------------------------------
-    def compute_losses(self, outputs: SegmenterOutput, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def compute_losses(self, outputs: SegmenterOutput,
+                       targets: list[dict]) -> dict[str, torch.Tensor]:
         """Set-prediction loss (:mod:`sskd.models.grounded_sam_loss`); ``loss`` is the total."""
         missing = [k for k in ("pred_boxes", "iou_scores") if k not in outputs.extras]
         if missing:
@@ -310,8 +319,8 @@ class GroundedSamTeacher(Segmenter):
             order = scores[b].argsort(descending=True)
             order = order[scores[b][order] >= thr][:k]
             if order.numel() == 0:
-                results.append(Prediction(torch.zeros(0, H, W, dtype=torch.bool, device=images.device),
-                                          order.new_zeros(0), scores.new_zeros(0)))
+                empty = torch.zeros(0, H, W, dtype=torch.bool, device=images.device)
+                results.append(Prediction(empty, order.new_zeros(0), scores.new_zeros(0)))
                 continue
             m = F.interpolate(out.mask_logits[b, order][None].float(), size=(H, W), mode="bilinear",
                               align_corners=False)[0].sigmoid() > mask_threshold
@@ -393,7 +402,8 @@ def build_grounded_sam(num_classes: int, size: str = "tiny", classes: list[str] 
     return GroundedSamTeacher(
         num_classes, detector, tokenizer, sam, classes, mask_model_name=mask_model,
         score_threshold=score_threshold, max_instances=max_instances, detector_size=detector_size,
-        num_mask_queries=defaults["num_mask_queries"] if num_mask_queries is None else num_mask_queries,
+        num_mask_queries=(defaults["num_mask_queries"] if num_mask_queries is None
+                          else num_mask_queries),
         num_points=defaults["num_points"] if num_points is None else num_points,
         trainable=tuple(trainable), embed_dim=embed_dim, ema_momentum=ema_momentum,
         calibration_init=calib, config=config)

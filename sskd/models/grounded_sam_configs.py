@@ -152,7 +152,8 @@ def detector_config(size: str, vocab_size: int) -> GroundingDinoConfig:
         text = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
         return GroundingDinoConfig(
-            backbone_config=backbone, text_config=text, num_queries=10, d_model=32,  # GroupNorm(32, d)
+            backbone_config=backbone, text_config=text, num_queries=10,
+            d_model=32,  # input projections use GroupNorm(32, d_model)
             encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
             encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=2,
             decoder_n_points=2, max_text_len=32)
@@ -190,7 +191,8 @@ def sam2_config(size: str) -> Sam2Config:
         s = 64
         hiera = Sam2HieraDetConfig(
             hidden_size=16, image_size=[s, s], patch_kernel_size=[3, 3], patch_stride=[2, 2],
-            patch_padding=[1, 1], blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
+            patch_padding=[1, 1], blocks_per_stage=[1, 1, 2, 1],
+            embed_dim_per_stage=[16, 32, 64, 128],
             num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 4, 2],
             global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4])
         vision = dict(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
@@ -240,7 +242,8 @@ def _is_hub_id(ref: str) -> bool:
 
 def _check_dir(path: Path, part: str, setting: str) -> None:
     if not path.is_dir():
-        raise TeacherWeightsError(f"{setting}={str(path)!r} is not a directory; " + _hint(part, setting))
+        raise TeacherWeightsError(f"{setting}={str(path)!r} is not a directory; "
+                                  + _hint(part, setting))
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -262,9 +265,10 @@ def _load(cls, ref: str, part: str, setting: str):
     try:
         config = AutoConfig.from_pretrained(ref, local_files_only=local_only)
     except OSError as e:
+        where = "" if Path(ref).is_dir() else "there is no such local directory, and as a hub id "
         why = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if local_only \
             else "it could not be fetched"
-        raise TeacherWeightsError(f"cannot load {setting}={ref!r}: {why}; "
+        raise TeacherWeightsError(f"cannot load {setting}={ref!r}: {where}{why}; "
                                   + _hint(part, setting)) from e
     if config.model_type != MODEL_TYPES[part]:
         raise TeacherWeightsError(f"{setting}={ref!r} holds a {config.model_type!r} checkpoint, "
@@ -303,7 +307,7 @@ def load_mask_model(ref: str, mask_model: str):
 
 
 def _shortest_edge(ref: str, local_only: bool) -> int | None:
-    """The detector processor's resize (``size.shortest_edge``) if preprocessor_config.json exists."""
+    """The detector processor's ``size.shortest_edge`` from preprocessor_config.json, if any."""
     import json
 
     from huggingface_hub import hf_hub_download
@@ -311,9 +315,10 @@ def _shortest_edge(ref: str, local_only: bool) -> int | None:
         path = Path(ref) / "preprocessor_config.json" if Path(ref).is_dir() else \
             Path(hf_hub_download(ref, "preprocessor_config.json", local_files_only=local_only))
         size = json.loads(path.read_text()).get("size", {})
-    except (OSError, ValueError):
+    except Exception:  # optional file (any hub/IO/json error): fall back to the caller's default
         return None
-    return int(size["shortest_edge"]) if isinstance(size, dict) and "shortest_edge" in size else None
+    has_edge = isinstance(size, dict) and "shortest_edge" in size
+    return int(size["shortest_edge"]) if has_edge else None
 
 
 def build_detector(size: str, tokenizer) -> GroundingDinoForObjectDetection:

@@ -156,9 +156,8 @@ def set_prediction_loss(class_logits: torch.Tensor, pred_boxes: torch.Tensor,
             mask_logits.float(), tgt_masks, [(q.to(logits.device), t.to(logits.device))
                                              for q, t in indices], num)
         losses["loss_mask"], losses["loss_dice"] = m["loss_mask"], m["loss_dice"]
-        losses["loss_iou"] = _iou_loss(mask_logits[bi, qi], iou_scores[bi, qi],
-                                       [tm[t.to(tm.device)] for tm, (_, t) in zip(tgt_masks, indices)],
-                                       num)
+        matched = [tm[t.to(tm.device)] for tm, (_, t) in zip(tgt_masks, indices)]
+        losses["loss_iou"] = _iou_loss(mask_logits[bi, qi], iou_scores[bi, qi], matched, num)
     losses["loss"] = (w.cls * losses["loss_class"] + w.bbox * losses["loss_bbox"]
                       + w.giou * losses["loss_giou"] + w.mask * losses["loss_mask"]
                       + w.dice * losses["loss_dice"] + w.iou * losses["loss_iou"])

@@ -1,4 +1,5 @@
-"""Grounding DINO + SAM/SAM2 teacher: tiny offline builds, outputs, losses, trainable parts, weights."""
+"""Grounding DINO + SAM/SAM2 teacher: tiny offline builds, outputs, losses, trainable parts,
+weights."""
 
 from __future__ import annotations
 
@@ -301,7 +302,8 @@ def test_missing_weights_name_the_files_and_the_fix(tmp_path, monkeypatch):
         assert part in msg
     (tmp_path / "sam").mkdir()
     (tmp_path / "sam" / "config.json").write_text("{}")
-    with pytest.raises(gc.TeacherWeightsError, match="lacks model.safetensors or pytorch_model.bin"):
+    with pytest.raises(gc.TeacherWeightsError,
+                       match="lacks model.safetensors or pytorch_model.bin"):
         build_model("grounded_sam", 3, sam_weights=str(tmp_path / "sam"), mask_model="sam2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(gc.TeacherWeightsError, match="HF_HUB_OFFLINE"):
