@@ -77,9 +77,10 @@ def _naive_loss(zw, zs, anchors, neg, T):
     return total / len(anchors)
 
 
+@pytest.mark.parametrize("method", ["gumbel", "rejection"])
 @pytest.mark.parametrize("sampler", ["fused", "uniform", "class_only"])
-def test_loss_equals_naive_reference_for_the_same_negatives(sampler):
-    B, D, h, w = 3, 5, 4, 4
+def test_loss_equals_naive_reference_for_the_same_negatives(sampler, method):
+    B, D, h, w = 3, 5, 8, 8
     g = _gen(1)
     zw = torch.randn(B, D, h, w, generator=g)
     zs = torch.randn(B, D, h, w, generator=g)
@@ -87,8 +88,9 @@ def test_loss_equals_naive_reference_for_the_same_negatives(sampler):
     y = None if sampler == "uniform" else fused_pseudo_probabilities(pm, pc, sampler)
     T = 0.2
     loss, d = pixel_contrastive_loss(zw, zs, y, num_anchors=5, num_negatives=7, temperature=T,
-                                     sampler=sampler, generator=_gen(2))
+                                     sampler=sampler, generator=_gen(2), method=method)
     assert d["anchor_index"].shape == (15,) and d["negative_index"].shape == (15, 7)
+    assert (d["negative_index"] >= 0).all()
     ref = _naive_loss(zw, zs, d["anchor_index"], d["negative_index"], T)
     assert float(loss) == pytest.approx(ref, rel=1e-5)
 
