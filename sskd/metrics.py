@@ -5,7 +5,8 @@ Layout::
     {"models":     {tag: {"AP", "AP50", "AP75", "per_class": {name: AP}, "params", "num_images"}},
      "stages":     {stage: {"seconds": float, "done": true}},
      "ablations":  {name: {"models": {tag: {...}}, "overrides": {...}}},
-     "efficiency": [{"model", "params_M", "gflops", "latency_ms", "throughput_img_s", "peak_mem_MB"}]}
+     "efficiency": rows of :func:`sskd.evaluation.efficiency.compare` ("name", "params_M",
+                   "gflops", "latency_ms", "throughput_img_s", "peak_mem_MB", ratio row last)}
 """
 
 from __future__ import annotations

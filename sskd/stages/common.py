@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from sskd.config import ModelConfig, StageConfig, config_hash, to_dict
-from sskd.data.records import Dataset, iter_records_jsonl
+from sskd.data.records import Dataset, iter_records_jsonl, write_json_atomic
 from sskd.engine.inference import predict_to_jsonl
 from sskd.engine.trainer import Objective, TrainPaths, train
 from sskd.metrics import read_metrics, update_metrics
@@ -16,13 +22,16 @@ from sskd.stages.run import Run, log
 STANDIN_VERSION = 1  # bump when the stand-in teacher's recipe changes (invalidates caches)
 
 
-def build_from_config(mc: ModelConfig, classes: list[str]) -> Segmenter:
+def build_from_config(mc: ModelConfig, classes: list[str], seed: int = 0) -> Segmenter:
+    """Build a model; its random initialisation is seeded, so a stage is reproducible."""
     kwargs = dict(mc.options)
     if mc.name == "grounded_sam":
         kwargs.setdefault("classes", list(classes))
     elif mc.weights:
         kwargs["encoder_weights"] = mc.weights
-    return build_model(mc.name, num_classes=len(classes), size=mc.size, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(mc.name, num_classes=len(classes), size=mc.size, **kwargs)
 
 
 def set_encoder_trainable(model: Segmenter, trainable: bool) -> Segmenter:
@@ -54,7 +63,7 @@ def pretrained_teacher(run: Run, datasets: dict[str, Dataset], progress: bool = 
     """
     classes = datasets["labeled"].classes
     if not is_standin(run):
-        return build_from_config(run.cfg.teacher, classes)
+        return build_from_config(run.cfg.teacher, classes, run.cfg.seed)
     root = standin_dir(run)
     paths = TrainPaths.in_dir(root, "pretrain")
     if not paths.model_dir.is_dir():
@@ -62,7 +71,7 @@ def pretrained_teacher(run: Run, datasets: dict[str, Dataset], progress: bool = 
             raise ValueError("stand-in teacher pretraining needs the source domain: "
                              "call load_datasets(run, with_source=True)")
         log.info("pretraining the stand-in teacher on the source domain -> %s", root)
-        model = build_from_config(run.cfg.teacher, classes)
+        model = build_from_config(run.cfg.teacher, classes, run.cfg.seed)
         t0 = time.perf_counter()
         train(model, datasets["source"], paths, run.cfg.stages.teacher_pretrain, Objective(),
               input_size=run.cfg.data.input_size, device=run.device, progress=progress,
@@ -75,14 +84,53 @@ def pretrained_teacher(run: Run, datasets: dict[str, Dataset], progress: bool = 
     return load_model(paths.model_dir)
 
 
+def fingerprint(*parts: object) -> str:
+    """Stable hash of configs, datasets (their records) and model weights."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Segmenter):
+            for k, t in part.state_dict().items():
+                h.update(k.encode())
+                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(part, Dataset):
+            for r in part.records:
+                h.update(json.dumps(r.to_dict(), sort_keys=True).encode())
+        else:
+            h.update(json.dumps(to_dict(part) if dataclasses.is_dataclass(part) else part,
+                                sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def _invalidate(run: Run, stage: str) -> None:
+    """Remove a stage's weights, state, log and the outputs of its model (they are stale)."""
+    shutil.rmtree(run.dir.checkpoint_dir(stage), ignore_errors=True)
+    for p in (run.dir.log(stage), run.dir.predictions(stage), run.dir.pseudo_labels(stage)):
+        for q in (p, p.with_name(p.name + ".partial"), p.with_name(p.name + ".fingerprint")):
+            q.unlink(missing_ok=True)
+
+
 def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
                 unlabeled: Dataset | None, sc: StageConfig, freeze_encoder: bool = False,
                 progress: bool = True) -> Segmenter:
-    """Train ``model`` for one stage unless the stage's final weights exist (then load them)."""
+    """Train ``model`` for one stage, or load its weights when it already ran with the same inputs.
+
+    The stage's fingerprint covers its config, the initial weights and the exact labeled and
+    pseudo-labeled records; when any of them changed (new loss weights, a re-adapted teacher),
+    the old weights and the predictions made with them are removed and the stage trains again.
+    """
     paths = TrainPaths.in_dir(run.dir.root, stage)
-    if paths.model_dir.is_dir():
-        log.info("%s: already trained, loading %s", stage, paths.model_dir)
+    fp_file = run.dir.checkpoint_dir(stage) / "fingerprint.json"
+    fp = fingerprint(sc, freeze_encoder, run.cfg.pixel_contrast, run.cfg.pseudo_label,
+                     run.cfg.data.input_size, model, labeled, unlabeled or [])
+    old = json.loads(fp_file.read_text())["fingerprint"] if fp_file.is_file() else None
+    if old == fp and paths.model_dir.is_dir():
+        log.info("%s: already trained with these inputs, loading %s", stage, paths.model_dir)
         return load_model(paths.model_dir)
+    if old != fp:
+        if old is not None or paths.model_dir.is_dir():
+            log.info("%s: config or inputs changed since the last run: training again", stage)
+        _invalidate(run, stage)
+        write_json_atomic({"fingerprint": fp}, fp_file)
     set_encoder_trainable(model, not freeze_encoder)
     obj = Objective(l_semi=sc.l_semi, l_pxl=sc.l_pxl, pixel_contrast=run.cfg.pixel_contrast,
                     pseudo_label=run.cfg.pseudo_label)
@@ -92,11 +140,23 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     return load_model(paths.model_dir)
 
 
+def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str) -> Path:
+    """predict_to_jsonl, recomputed when the model, the images or the thresholds changed."""
+    fp = fingerprint(model, dataset, run.cfg.pseudo_label, run.cfg.data.input_size)
+    side = out.with_name(out.name + ".fingerprint")
+    if not side.is_file() or side.read_text() != fp:
+        for q in (out, out.with_name(out.name + ".partial")):
+            q.unlink(missing_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        side.write_text(fp)
+    return predict_to_jsonl(model, dataset, out, run.cfg.pseudo_label,
+                            input_size=run.cfg.data.input_size, device=run.device, desc=desc)
+
+
 def evaluate_model(run: Run, model: Segmenter, tag: str, val: Dataset) -> dict:
     """Predict val -> ``predictions/<tag>.jsonl``, mask AP -> ``metrics.json`` models[tag]."""
     from sskd.evaluation.coco_eval import evaluate_masks
-    path = predict_to_jsonl(model, val, run.dir.predictions(tag), run.cfg.pseudo_label,
-                            input_size=run.cfg.data.input_size, device=run.device, desc=f"eval {tag}")
+    path = _predict(run, model, val, run.dir.predictions(tag), f"eval {tag}")
     preds = list(iter_records_jsonl(path))
     res = evaluate_masks(val, preds)
     res["params"] = model.num_parameters()
@@ -111,9 +171,7 @@ def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Da
     When D_u carries hidden ground truth (synthetic data), the pseudo-labels' own mask AP is
     recorded under ``metrics["pseudo_labels"][tag]`` (never used for training).
     """
-    path = predict_to_jsonl(model, unlabeled, run.dir.pseudo_labels(tag), run.cfg.pseudo_label,
-                            input_size=run.cfg.data.input_size, device=run.device,
-                            desc=f"pseudo-label {tag}")
+    path = _predict(run, model, unlabeled, run.dir.pseudo_labels(tag), f"pseudo-label {tag}")
     records = list(iter_records_jsonl(path))
     if any(r.instances for r in unlabeled.records):
         from sskd.evaluation.coco_eval import evaluate_masks

@@ -72,3 +72,19 @@ def test_open_run_keeps_and_updates_the_saved_config(tmp_path):
     assert again.cfg.stages.refine.train.steps == 7
     assert again.cfg.data.root == str(tmp_path / "data")  # kept from the first open
     assert "steps: 7" in run.dir.config.read_text()
+
+
+def test_changed_stage_config_retrains_and_recomputes_predictions(tmp_path):
+    run = _open(tmp_path, **{"stages.transfer.enabled": False})
+    prepare_data(run)
+    transfer(run, progress=False)                     # only the supervised student baseline
+    model_file = run.dir.model_dir("student_supervised") / "model.pt"
+    preds = run.dir.predictions("student_supervised")
+    first = (model_file.stat().st_mtime_ns, preds.stat().st_mtime_ns)
+    transfer(run, progress=False)                     # same inputs: nothing recomputed
+    assert (model_file.stat().st_mtime_ns, preds.stat().st_mtime_ns) == first
+    changed = open_run("r", runs_root=str(tmp_path / "runs"),
+                       overrides={"stages.student_supervised.train.lr": 0.01})
+    transfer(changed, progress=False)                 # new lr: trained and evaluated again
+    assert model_file.stat().st_mtime_ns != first[0]
+    assert preds.stat().st_mtime_ns != first[1]
