@@ -90,12 +90,14 @@ def transfer(run: Run | str | Path, progress: bool = True) -> dict:
         lab, classes = ds["labeled"], ds["labeled"].classes
         if st.student_supervised.enabled:
             student = build_from_config(run.cfg.student, classes, run.cfg.seed)
-            m = train_stage(run, "student_supervised", student, lab, None, st.student_supervised, run.cfg.student.freeze_encoder, progress)
+            m = train_stage(run, "student_supervised", student, lab, None, st.student_supervised,
+                            run.cfg.student.freeze_encoder, progress)
             evaluate_model(run, m, "student_supervised", ds["val"])
         if st.transfer.enabled:
             pl = load_pseudo_labels(run, transfer_pseudo_tag(run), classes)
             student = build_from_config(run.cfg.student, classes, run.cfg.seed)
-            m = train_stage(run, "student_transfer", student, lab, pl, st.transfer, run.cfg.student.freeze_encoder, progress)
+            m = train_stage(run, "student_transfer", student, lab, pl, st.transfer,
+                            run.cfg.student.freeze_encoder, progress)
             evaluate_model(run, m, "student_transfer", ds["val"])
     return _models_summary(run, ["student_supervised", "student_transfer"])
 
