@@ -134,6 +134,13 @@ def _to_grid(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x.float(), size=size, mode="nearest-exact").to(dtype)
 
 
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """Random numbers are drawn on the embeddings' device, so the generator must live there."""
+    if generator is not None and torch.device(generator.device).type != torch.device(device).type:
+        raise ValueError(f"generator is on {generator.device} but the embeddings are on {device}; "
+                         f"pass torch.Generator(device={str(device)!r}).manual_seed(...)")
+
+
 def _sample_anchors(valid: torch.Tensor, num_anchors: int,
                     generator: torch.Generator | None) -> torch.Tensor:
     """``B x P`` bool -> flat anchor indices (``num_anchors`` per image, uniform, valid only)."""
@@ -202,7 +209,8 @@ def pixel_contrastive_loss(z_weak: torch.Tensor, z_strong: torch.Tensor,
         temperature: ``T`` (see :func:`temperature_at` for annealing).
         sampler: ``"fused"`` | ``"mask_only"`` | ``"class_only"`` | ``"uniform"``, or a
             :class:`FusedNegativeSampler` (then ``num_negatives``/``candidates`` are its own).
-        generator: randomness of anchors and negatives (same state -> same result).
+        generator: randomness of anchors and negatives (same state -> same result); on the
+            embeddings' device (``torch.Generator(device=z_weak.device)``).
         instance_ids: ``B x H' x W'`` long, per-image instance id of each pixel, ``-1`` =
             background/unknown; for the FNR. ``None``: arg-max query of ``pm`` (background via
             ``pc``, see :func:`instance_ids_from_probabilities`); without ``pm`` FNR is NaN.
@@ -245,6 +253,9 @@ def pixel_contrastive_loss(z_weak: torch.Tensor, z_strong: torch.Tensor,
     B, D, h, w = z_weak.shape
     dev = z_weak.device
     size = (h, w)
+    _check_generator(generator, dev)
+    if sampler.generator is not None:
+        _check_generator(sampler.generator, dev)
 
     # Pseudo-probabilities on the embedding grid, flat: P x M.
     if sampler.mode != "uniform":

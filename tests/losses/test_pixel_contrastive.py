@@ -332,3 +332,12 @@ def test_chunked_negative_cosine_matches_autograd_einsum(monkeypatch):
     (g2,) = torch.autograd.grad(ref, za, gout)
     assert torch.allclose(g1, g2)
     assert torch.autograd.gradcheck(lambda a: pc_mod._NegativeCosine.apply(a, zs, idx), (za,))
+
+
+def test_generator_on_another_device_gets_a_clear_error():
+    class FakeGen:
+        device = torch.device("cuda", 0)
+    z = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="torch.Generator\\(device='cpu'\\)"):
+        pixel_contrastive_loss(z, z, None, num_anchors=2, num_negatives=2, temperature=0.1,
+                               sampler="uniform", generator=FakeGen())
