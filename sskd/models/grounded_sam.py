@@ -333,7 +333,7 @@ class GroundedSamTeacher(Segmenter):
 
 @register_model("grounded_sam")
 def build_grounded_sam(num_classes: int, size: str = "tiny", classes: list[str] | None = None,
-                       mask_model: str = "sam", score_threshold: float = 0.3,
+                       mask_model: str = "sam2", score_threshold: float = 0.3,
                        max_instances: int = 100, detector_weights: str = "", sam_weights: str = "",
                        trainable: tuple[str, ...] | list[str] = DEFAULT_TRAINABLE,
                        embed_dim: int = 128, ema_momentum: float = 0.99,
@@ -347,7 +347,7 @@ def build_grounded_sam(num_classes: int, size: str = "tiny", classes: list[str] 
             SAM2.1 Hiera-L, random init, for efficiency numbers); ignored for the halves loaded
             from weights.
         classes: class names forming the text prompt (default ``class0 .. class{C-1}``).
-        mask_model: "sam" | "sam2".
+        mask_model: "sam2" (the paper's SAM2.1, default) | "sam" (SAM ViT).
         score_threshold: default box-score threshold of :meth:`predict` (paper: 0.3).
         max_instances: default cap on instances per image in :meth:`predict` (paper: 100).
         detector_weights: local save_pretrained dir or hub id of Grounding DINO ("" = random).

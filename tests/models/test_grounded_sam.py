@@ -320,7 +320,8 @@ def test_local_checkpoints_load_and_are_type_checked(tmp_path):
     tok.save_pretrained(tmp_path / "det")
     src.sam.save_pretrained(tmp_path / "sam")
     loaded = build_model("grounded_sam", 3, classes=CLASSES, detector_weights=str(tmp_path / "det"),
-                         sam_weights=str(tmp_path / "sam"), detector_size=0).eval()
+                         sam_weights=str(tmp_path / "sam"), mask_model="sam",
+                         detector_size=0).eval()
     assert loaded.class_calibration.scale.item() == 1.0      # pretrained: identity calibration
     loaded.class_calibration.load_state_dict(src.class_calibration.state_dict())
     x = scene()[0]
@@ -342,3 +343,8 @@ def test_paper_size_param_counts(mask_model, low, high):
     assert low < model.num_parameters() < high
     assert math.isclose(sum(p.numel() for p in model.detector.parameters()), 342e6, rel_tol=0.02)
     assert model.num_mask_queries == 100 and model.detector_size == 800
+
+
+def test_default_mask_model_is_the_papers_sam2():
+    model = build_model("grounded_sam", 2)
+    assert model.mask_model_name == "sam2" and model.classes == ["class0", "class1"]
