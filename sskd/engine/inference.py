@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from sskd.config import PseudoLabelConfig
 from sskd.data.records import Dataset, ImageRecord, Instance
 from sskd.engine.data import SampleCache
-from sskd.models.base import Prediction, Segmenter, postprocess_instances
+from sskd.models.base import Prediction, Segmenter
 
 
 def _partial(path: Path) -> Path:
@@ -68,9 +68,10 @@ def iter_predictions(model: Segmenter, dataset: Dataset, cfg: PseudoLabelConfig,
     for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = todo[start:start + batch_size]
         images = torch.stack([cache.image(r) for r in chunk]).to(device)
-        out = model(images)
-        preds = postprocess_instances(out.class_logits, out.mask_logits, images.shape[-2:],
-                                      cfg.score_threshold, cfg.max_instances, cfg.mask_threshold)
+        # each model scores its own instances (Mask2Former: class x mask probability;
+        # Grounding DINO + SAM: the box score), so go through its predict()
+        preds = model.predict(images, score_threshold=cfg.score_threshold,
+                              max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold)
         for rec, pred in zip(chunk, preds):
             yield prediction_to_record(pred, rec)
 

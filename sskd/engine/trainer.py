@@ -68,14 +68,6 @@ def poly_factor(step: int, total: int, power: float, warmup: int) -> float:
     return max(0.0, 1.0 - step / max(1, total)) ** power
 
 
-def _slice_output(out: SegmenterOutput, sl: slice) -> SegmenterOutput:
-    return SegmenterOutput(
-        class_logits=out.class_logits[sl], mask_logits=out.mask_logits[sl],
-        aux=[(c[sl], m[sl]) for c, m in out.aux],
-        embed_weak=None if out.embed_weak is None else out.embed_weak[sl],
-        embed_strong=None if out.embed_strong is None else out.embed_strong[sl])
-
-
 def _views(sample, generator: torch.Generator, size: int, augment: bool):
     """Weak and strong views sharing one geometry (pixel p of one is pixel p of the other)."""
     from sskd.data.views import make_views
@@ -160,11 +152,11 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
             logs: dict[str, float] = {}
             total = weak_t.new_zeros(())
             if n_l:
-                sup = model.compute_losses(_slice_output(out, slice(0, n_l)), targets[:n_l])
+                sup = model.compute_losses(out.select(slice(0, n_l)), targets[:n_l])
                 total = total + sup["loss"]
                 logs["loss_sup"] = float(sup["loss"].detach())
             if n_l < len(kinds) and objective.l_semi > 0:
-                semi = model.compute_losses(_slice_output(out, slice(n_l, None)), targets[n_l:])
+                semi = model.compute_losses(out.select(slice(n_l, None)), targets[n_l:])
                 total = total + objective.l_semi * semi["loss"]
                 logs["loss_semi"] = float(semi["loss"].detach())
             if use_pxl:
@@ -226,7 +218,7 @@ def _pixel_loss(model: Segmenter, out: SegmenterOutput, strong: torch.Tensor, ta
     ids = instance_id_map([t["masks"].cpu() for t in targets], tuple(z_weak.shape[-2:])).to(z_weak.device)
     temp = pc.temperature if pc.temperature_start <= 0 else \
         temperature_at(step, cfg.steps, pc.temperature_start, pc.temperature)
-    g = torch.Generator(device="cpu").manual_seed(step_seed(cfg.seed, step, 20_000 + rank))
+    g = torch.Generator(device=z_weak.device).manual_seed(step_seed(cfg.seed, step, 20_000 + rank))
     loss, diag = pixel_contrastive_loss(
         z_weak.float(), z_strong.float(), None if y is None else y.float(),
         num_anchors=pc.num_anchors, num_negatives=pc.num_negatives, temperature=temp,

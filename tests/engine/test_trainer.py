@@ -16,6 +16,8 @@ from sskd.engine.data import hard_pseudo_labels
 from sskd.engine.trainer import Objective, TrainPaths, poly_factor, read_log, train
 from sskd.models import build_model, load_model
 
+from .conftest import make_dataset
+
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,3 +142,21 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     # the log holds each step once, as the uninterrupted run's does
     steps = [e["step"] for e in read_log(paths.log)]
     assert steps == list(range(1, 9))
+
+
+def test_engine_trains_the_grounded_sam_teacher_with_every_term(tmp_path):
+    from sskd.engine.data import SampleCache
+    toy = make_dataset(tmp_path / "toy64", n=4, size=64)
+    torch.manual_seed(0)
+    model = build_model("grounded_sam", 3, size="tiny", classes=toy.classes, mask_model="sam")
+    unl = Dataset([ImageRecord(r.file_name, r.height, r.width, r.image_id,
+                               [type(i)(**{**i.__dict__, "score": 0.9}) for i in r.instances])
+                   for r in toy.records[2:]], toy.classes)
+    paths = TrainPaths.in_dir(tmp_path / "run", "adapt")
+    obj = Objective(l_semi=1.0, l_pxl=0.1,
+                    pixel_contrast=PixelContrastConfig(num_anchors=8, num_negatives=4))
+    train(model, Dataset(toy.records[:2], toy.classes), paths, _cfg(steps=2, batch_size=2), obj,
+          unlabeled=unl, input_size=64, progress=False)
+    log = read_log(paths.log)
+    assert {"loss_sup", "loss_semi", "loss_pxl"} <= set(log[-1])
+    assert load_model(paths.model_dir).registry_name == "grounded_sam"
