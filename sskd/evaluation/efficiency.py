@@ -36,7 +36,7 @@ COLUMNS = [  # (key, header, format)
     ("params_M", "params (M)", "{:.2f}"),
     ("gflops", "GFLOPs/img", "{:.2f}"),
     ("latency_ms", "latency (ms, bs 1)", "{:.1f}"),
-    ("throughput_img_s", "throughput (img/s)", "{:.1f}"),
+    ("throughput_img_s", "throughput (img/s)", "{:.3g}"),
     ("peak_mem_MB", "peak mem (MB)", "{:.0f}"),
     ("s_per_step", "train s/step", "{:.3f}"),
     ("cpu_s_per_step", "train CPU s/step", "{:.3f}"),  # steadier than wall time on busy CPUs

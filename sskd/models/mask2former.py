@@ -159,13 +159,20 @@ class Mask2FormerSegmenter(Segmenter):
         self.embed_strong.requires_grad_(False)  # EMA of embed_weak, see after_optimizer_step
         self.ema_momentum = float(cfg["ema_momentum"])
 
-        self.freeze_encoder = bool(cfg["freeze_encoder"])
         if cfg["encoder_weights"]:
             from sskd.models.pretrained import load_dinov2_weights
             load_dinov2_weights(self.encoder, cfg["encoder_weights"])
-        self.encoder_weights = str(cfg["encoder_weights"])
-        if self.freeze_encoder:
-            self.encoder.requires_grad_(False)
+        self.encoder_weights = str(cfg["encoder_weights"])  # informational, not saved
+        self.set_encoder_frozen(bool(cfg["freeze_encoder"]))
+
+    def set_encoder_frozen(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the encoder after building, e.g. a loaded pretrained teacher that
+        now adapts as a stand-in foundation model. Recorded in ``config`` so save/load keeps it."""
+        self.freeze_encoder = bool(frozen)
+        self.cfg["freeze_encoder"] = self.freeze_encoder
+        self.config["freeze_encoder"] = self.freeze_encoder
+        self.encoder.requires_grad_(not self.freeze_encoder)
+        self.train(self.training)
 
     # ---------------------------------------------------------------------------------- forward
     def train(self, mode: bool = True) -> "Mask2FormerSegmenter":
@@ -238,9 +245,12 @@ class Mask2FormerSegmenter(Segmenter):
             labels.append(lab)
         aux = [{"masks_queries_logits": m.float(), "class_queries_logits": c.float()}
                for c, m in outputs.aux]
-        raw = self.criterion(masks_queries_logits=outputs.mask_logits.float(),
-                             class_queries_logits=outputs.class_logits.float(),
-                             mask_labels=masks, class_labels=labels, auxiliary_predictions=aux)
+        # matching costs and point losses in float32 even inside an AMP region (fp16 matmuls
+        # of the pair-wise BCE/dice costs lose precision and can overflow)
+        with torch.autocast(device_type=device.type, enabled=False):
+            raw = self.criterion(masks_queries_logits=outputs.mask_logits.float(),
+                                 class_queries_logits=outputs.class_logits.float(),
+                                 mask_labels=masks, class_labels=labels, auxiliary_predictions=aux)
         total = outputs.class_logits.new_zeros((), dtype=torch.float32)
         for key, value in raw.items():
             base = key if key in self.loss_weights else key.rsplit("_", 1)[0]

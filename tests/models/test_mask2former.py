@@ -181,6 +181,31 @@ def test_freeze_encoder_and_param_groups():
     assert all(p.grad is not None for p in frozen.transformer.parameters())
 
 
+def test_freeze_after_loading_survives_save_load(tmp_path):
+    from sskd.models import load_model
+
+    model = tiny()
+    model.save(tmp_path / "pretrained")
+    teacher = load_model(tmp_path / "pretrained")
+    assert all(p.requires_grad for p in teacher.encoder.parameters())
+    teacher.set_encoder_frozen(True)
+    assert not any(p.requires_grad for p in teacher.encoder.parameters())
+    teacher.save(tmp_path / "adapted")
+    again = load_model(tmp_path / "adapted")
+    assert again.freeze_encoder and not any(p.requires_grad for p in again.encoder.parameters())
+    again.set_encoder_frozen(False)
+    assert all(p.requires_grad for p in again.encoder.parameters())
+
+
+def test_loss_runs_in_float32_under_autocast():
+    model = tiny()
+    x, targets = _two_image_problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        losses = model.compute_losses(out, targets)
+    assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
+
+
 def test_initialisation_is_sane():
     model = tiny()
     for name, m in model.named_modules():
