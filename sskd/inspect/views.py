@@ -280,7 +280,8 @@ def build_views(dataset: fo.Dataset, fields: Iterable[str] | None = None,
                       f"Which {f} pseudo-labels have confidence < {thr:.3f}?", views)
                 _save(dataset, f"highconf_{f}", dataset.filter_labels(f, ~low),
                       f"Which {f} pseudo-labels have confidence >= {thr:.3f}?", views)
-            ref = pick_reference(dataset, f) if mistakenness else None
+            judge = mistakenness and dataset.count(f"{f}.detections") > 0
+            ref = pick_reference(dataset, f) if judge else None
             if ref is not None and compute_mistakenness(dataset, f, ref):
                 m = mistakenness_field(f)
                 _save(dataset, f"mistaken_{f}", dataset.exists(m).sort_by(m, reverse=True),
