@@ -14,6 +14,11 @@ student_paper 51.24 M    43 %  ViT-S/14 (DINOv2-S), taps [2,5,8,11]   hidden 384
 teacher_paper 346.8 M    88 %  ViT-L/14 (DINOv2-L), taps [5,11,17,23]  hidden 384, 100 queries, 9 layers
 ============= ========== ===== ======================================= =================================
 
+Training step (forward + loss + backward + AdamW, batch 8, 64 px, ``benchmarks/efficiency.py
+--train-step``) on the shared 2-core dev machine under load, best of several runs: student_demo
+0.13-0.16 s (1 or 2 threads), teacher_demo 0.44 s (2 threads; 0.64 s with 1), teacher_demo with
+``freeze_encoder=True`` 0.21 s; tiny 0.05 s (batch 2, 64 px).
+
 teacher_demo / student_demo = 12.1x params (PAPER.md: 568M / 52M = 10.9x). The paper student
 comes to 51.2M (PAPER.md: about 52M) with a 4 x hidden decoder FFN (1536). Paper sizes store
 position embeddings for 518 px (37 x 37 patches) so the ``facebook/dinov2-small`` /

@@ -57,6 +57,14 @@ def test_patch14_gives_exact_stride4_masks():
     assert out.mask_logits.shape[-2:] == (14, 21)
 
 
+@pytest.mark.parametrize("readout", ["add", "project"])
+def test_cls_readout_variants(readout):
+    model = tiny(readout=readout)
+    out = model(torch.rand(1, 3, 32, 32))
+    assert out.mask_logits.shape == (1, model.cfg["num_queries"], 8, 8)
+    assert (readout == "project") == any("readout_projects" in n for n, _ in model.named_parameters())
+
+
 def test_embedding_modes_and_bad_inputs():
     model = tiny()
     x = torch.rand(1, 3, 32, 32)
