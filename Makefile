@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/sskd run --preset demo --name demo
 
 test: $(STAMP)
+	-bash scripts/install_chromium.sh  # for the FiftyOne App test; it skips, saying why, without
 	$(BIN)/python -m pytest -q -rs
 
 lab: $(STAMP)

@@ -97,13 +97,17 @@ def cmd_app(args: argparse.Namespace) -> int:
         print(f"sskd app: no run dir at {args.run} or {run_dir} (no config.yaml); "
               "run `sskd run --name NAME` first", file=sys.stderr)
         return 2
+    from sskd.inspect.database import DatabaseError
     try:
         from sskd.inspect.app import launch_app
-    except ImportError as e:  # FiftyOne export missing or fiftyone not installed
+        launch_app(run_dir)
+    except ImportError as e:  # fiftyone not installed
         print(f"sskd app: the FiftyOne app is unavailable ({e}); install the pinned fiftyone "
-              "(`make install`) and check that sskd.inspect.app exists", file=sys.stderr)
+              "(`make install`)", file=sys.stderr)
         return 2
-    launch_app(run_dir)
+    except DatabaseError as e:  # mongod missing/unreachable: the message names the fix
+        print(f"sskd app: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
