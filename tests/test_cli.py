@@ -122,3 +122,20 @@ def test_app_launches_the_run_dir_lazily(tmp_path, monkeypatch, capsys):
 def test_python_dash_m_sskd():
     out = subprocess.run([sys.executable, "-m", "sskd", "presets"], capture_output=True, text=True)
     assert out.returncode == 0 and "smoke" in out.stdout and "demo" in out.stdout
+
+
+def test_app_with_an_unreachable_database_names_the_fix(tmp_path):
+    """No traceback and no 30 s wait: a clear message and exit code 2."""
+    import os
+    import time
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("run_name: r\n")
+    env = {**os.environ, "FIFTYONE_DATABASE_URI": "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=500",
+           "FIFTYONE_DO_NOT_TRACK": "true"}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "sskd", "app", str(tmp_path / "r")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert "FIFTYONE_DATABASE_URI" in res.stderr or "mongod" in res.stderr
+    assert time.perf_counter() - t0 < 30
