@@ -56,7 +56,8 @@ def test_notebook_cells_hold_no_logic(name, nb):
 
 
 @pytest.mark.slow
-def test_all_notebooks_execute_on_smoke(tmp_path):
+def test_all_notebooks_execute_on_smoke(tmp_path, mongod):
+    """Kernels inherit FIFTYONE_DATABASE_URI (the private mongod) for notebook 04's export."""
     root = tmp_path / "runs"
     results = run_notebooks("smoke", preset="smoke", runs_root=root, notebooks_dir=NB_DIR,
                             cwd=tmp_path, progress_bar=False,
@@ -78,6 +79,10 @@ def test_all_notebooks_execute_on_smoke(tmp_path):
     assert set(metrics["ablations"]) == set(cfg["ablations"])  # 05 ran every configured ablation
     assert [e.get("name", e.get("model")) for e in metrics["efficiency"]
             if not e.get("is_ratio")] == ["teacher", "student"]
+    import fiftyone as fo
+    exported = fo.load_dataset("sskd-smoke")
+    assert len(exported) == 6 + 16  # val + labeled + unlabeled
+    assert "pred_student_refined" in exported.get_field_schema()
     report = (run / "report" / "report.md").read_text()
     assert "## Claims" in report and (run / "report" / "report.html").is_file()
     # resume: nothing left to do
