@@ -209,7 +209,7 @@ def _pixel_loss(model: Segmenter, out: SegmenterOutput, strong: torch.Tensor, ta
     from sskd.losses.pixel_contrastive import (fused_pseudo_probabilities, pixel_contrastive_loss,
                                                temperature_at)
     with torch.no_grad():
-        z_strong = model(strong, embeddings="strong").embed_strong
+        z_strong = model.pixel_embeddings(strong, "strong")
     z_weak = out.embed_weak
     y = None
     if pc.sampler != "uniform":

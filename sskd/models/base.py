@@ -84,6 +84,15 @@ class Segmenter(nn.Module, ABC):
         """Forward + losses in one call (the supervised step)."""
         return self.compute_losses(self(images), targets)
 
+    def pixel_embeddings(self, images: torch.Tensor, head: str = "weak") -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x D x h x w`` L2-normalised embeddings of one projection head.
+
+        Subclasses may skip work the embeddings do not need (Mask2Former: the query decoder);
+        the strong branch of L_pxl calls this under ``torch.no_grad()``.
+        """
+        out = self(images, embeddings=head)
+        return out.embed_weak if head == "weak" else out.embed_strong
+
     def pixel_probabilities(self, outputs: SegmenterOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Detached ``P_m``: ``B x Q x h x w`` (softmax over queries) and ``P_c``: ``B x Q x (C+1)``.
 

@@ -219,6 +219,16 @@ class Mask2FormerSegmenter(Segmenter):
                 out.embed_strong = self.embed_strong(pix.mask_features.detach())
         return out
 
+    def pixel_embeddings(self, images: torch.Tensor, head: str = "weak") -> torch.Tensor:
+        """Projection-head embeddings only: encoder, neck and pixel decoder, no query decoder."""
+        if head not in ("weak", "strong"):
+            raise ValueError(f"head must be 'weak' or 'strong', got {head!r}")
+        feats = self.pixel_decoder(self.encode(images), return_dict=True).mask_features
+        if head == "weak":
+            return self.embed_weak(feats)
+        with torch.no_grad():
+            return self.embed_strong(feats.detach())
+
     # ----------------------------------------------------------------------------------- losses
     def compute_losses(self, outputs: SegmenterOutput, targets: list[dict]) -> dict[str, torch.Tensor]:
         """Set-prediction loss with deep supervision.

@@ -256,3 +256,15 @@ def test_sizes_param_counts():
     paper_teacher, paper_teacher_enc = _count("teacher_paper")
     assert 304.0e6 < paper_teacher_enc < 304.5e6  # ViT-L/14
     assert paper_teacher > 6 * paper_student
+
+
+def test_pixel_embeddings_fast_path_equals_full_forward():
+    import torch
+    from sskd.models import build_model
+    torch.manual_seed(0)
+    m = build_model("mask2former", 3, size="tiny").eval()
+    x = torch.rand(2, 3, 32, 32)
+    full = m(x, embeddings="both")
+    assert torch.allclose(m.pixel_embeddings(x, "weak"), full.embed_weak, atol=1e-6)
+    assert torch.allclose(m.pixel_embeddings(x, "strong"), full.embed_strong, atol=1e-6)
+    assert not m.pixel_embeddings(x, "strong").requires_grad
