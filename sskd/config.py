@@ -235,11 +235,12 @@ def from_dict(data: Mapping) -> Config:
     return _from_dict(Config, data, "")
 
 
-def _merge(base: dict, update: Mapping) -> dict:
+def merge_dicts(base: dict, update: Mapping) -> dict:
+    """Deep merge, ``update`` wins; ``ablations`` is replaced whole (each preset names its own)."""
     out = copy.deepcopy(base)
     for k, v in update.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k != "ablations":
-            out[k] = _merge(out[k], v)
+            out[k] = merge_dicts(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -270,6 +271,38 @@ def _split_override(text: str) -> tuple[str, str]:
     return k.strip(), v
 
 
+def read_params_file(path: str | Path) -> dict:
+    """A YAML parameter file of config keys (nested or dotted) -> nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"parameter file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"parameter file {path} must hold a mapping of config keys")
+    return nest_keys(data)
+
+
+def nest_keys(mapping: Mapping[str, Any]) -> dict:
+    """Dotted keys (``{"stages.refine.enabled": False}``), nested mappings or both -> nested dict.
+
+    Values are kept as given (no YAML parsing); ``ablations`` values stay whole.
+    """
+    nested: dict = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and key != "ablations":
+            value = nest_keys(value)
+        node = nested
+        *parents, leaf = str(key).split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = merge_dicts(node[leaf], value) if isinstance(node.get(leaf), dict) \
+            and isinstance(value, Mapping) else value
+    return nested
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -286,19 +319,12 @@ def load_config(preset: str = "demo", overrides: Mapping | list[str] | None = No
     """Preset -> YAML file (optional) -> dotted overrides -> keyword overrides, later wins."""
     data = to_dict(Config())
     if preset:
-        data = _merge(data, load_preset_dict(preset))
+        data = merge_dicts(data, load_preset_dict(preset))
         data["preset"] = preset
     if yaml_file:
-        path = Path(yaml_file)
-        if not path.is_file():
-            raise ConfigError(f"parameter file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"parameter file {path} is not valid YAML: {e}") from e
-        data = _merge(data, loaded)
-    data = _merge(data, parse_overrides(overrides))
-    data = _merge(data, {k: v for k, v in top_level.items() if v is not None})
+        data = merge_dicts(data, read_params_file(yaml_file))
+    data = merge_dicts(data, parse_overrides(overrides))
+    data = merge_dicts(data, {k: v for k, v in top_level.items() if v is not None})
     cfg = from_dict(data)
     validate(cfg)
     return cfg

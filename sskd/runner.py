@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from sskd import config as config_mod
 from sskd.config import (Config, config_hash, from_dict, load_config, read_config,
                          save_config, to_dict, validate)
 from sskd.rundir import RunDir
@@ -132,23 +133,7 @@ def flatten_overrides(nested: Mapping[str, Any], prefix: str = "") -> dict[str, 
     return flat
 
 
-def nest_overrides(overrides: Mapping[str, Any]) -> dict:
-    """``{"a.b": 1, "c": {"d.e": 2}}`` -> ``{"a": {"b": 1}, "c": {"d": {"e": 2}}}``.
-
-    Values are kept as given (already typed): unlike :func:`sskd.config.parse_overrides` no
-    string is YAML-parsed again, so ``"123"`` stays a string.
-    """
-    nested: dict = {}
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and key != "ablations":
-            value = nest_overrides(value)
-        node = nested
-        parts = str(key).split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _deep_merge(node[parts[-1]], value) if isinstance(
-            node.get(parts[-1]), dict) and isinstance(value, Mapping) else value
-    return nested
+nest_overrides = config_mod.nest_keys  # dotted and/or nested keys -> nested dict
 
 
 def resolve_config(run_name: str, preset: str = "demo", runs_root: str = "runs",
@@ -160,7 +145,7 @@ def resolve_config(run_name: str, preset: str = "demo", runs_root: str = "runs",
     that the notebooks receive, so a notebook re-run alone rebuilds the same config.
     """
     nested = _params_file(params_file) if params_file else {}
-    nested = _deep_merge(nested, nest_overrides(dict(overrides or {})))
+    nested = config_mod.merge_dicts(nested, nest_overrides(dict(overrides or {})))
     # nested, not dotted: parse_overrides YAML-parses only top-level string values again
     cfg = load_config(preset, overrides=nested, run_name=run_name, runs_root=str(runs_root))
     return cfg, nested
@@ -171,34 +156,18 @@ def update_config(cfg: Config, run_name: str, runs_root: str,
                   overrides: Mapping[str, Any] | None = None) -> tuple[Config, dict]:
     """An existing run's config with ``params_file`` then ``overrides`` applied on top."""
     nested = _params_file(params_file) if params_file else {}
-    nested = _deep_merge(nested, nest_overrides(dict(overrides or {})))
-    new = from_dict(_deep_merge(to_dict(cfg), {**nested, "run_name": run_name,
+    nested = config_mod.merge_dicts(nested, nest_overrides(dict(overrides or {})))
+    new = from_dict(config_mod.merge_dicts(to_dict(cfg), {**nested, "run_name": run_name,
                                                "runs_root": runs_root}))
     validate(new)
     return new, nested
 
 
 def _params_file(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise RunnerError(f"parameter file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RunnerError(f"parameter file {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise RunnerError(f"parameter file {path} must hold a mapping of config keys")
-    return nest_overrides(data)  # accepts nested keys and dotted keys alike
-
-
-def _deep_merge(a: dict, b: Mapping) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(
-            out.get(k), dict) and k != "ablations" else v
-    return out
+        return config_mod.read_params_file(path)
+    except config_mod.ConfigError as e:
+        raise RunnerError(str(e)) from e
 
 
 # --------------------------------------------------------------------------- execution

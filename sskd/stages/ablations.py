@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from sskd.config import _merge, from_dict, parse_overrides, save_config, to_dict, validate
+from sskd.config import from_dict, merge_dicts, nest_keys, save_config, to_dict, validate
 from sskd.metrics import read_metrics, update_metrics
 from sskd.stages.pipeline import adapt_teacher, transfer
 from sskd.stages.run import Run, as_run, log
@@ -28,11 +28,11 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 def ablation_run(run: Run, name: str, overrides: dict) -> tuple[Run, bool]:
     """Create (or open) the child run of one ablation; returns it and whether stage 1 re-runs."""
-    nested = parse_overrides({k: v for k, v in _flatten(overrides).items()})
+    nested = nest_keys(overrides)
     keys = _flat_keys(nested)
     rerun_teacher = any(k.startswith(_TEACHER_KEYS) for k in keys)
     root = run.dir.root / "ablations"
-    data = _merge(to_dict(run.cfg), nested)
+    data = merge_dicts(to_dict(run.cfg), nested)
     data.update(run_name=name, runs_root=str(root), ablations={})
     data["stages"]["student_supervised"]["enabled"] = False
     data["stages"]["teacher_supervised"]["enabled"] = False
@@ -49,16 +49,6 @@ def ablation_run(run: Run, name: str, overrides: dict) -> tuple[Run, bool]:
             child.dir.pseudo_labels(tag).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, child.dir.pseudo_labels(tag))
     return child, rerun_teacher
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

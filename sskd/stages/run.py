@@ -44,8 +44,8 @@ def open_run(run_name: str, preset: str = "demo", runs_root: str | Path = "runs"
     if rd.config.is_file():
         cfg = read_config(rd.config)
         if overrides:
-            from sskd.config import _merge, from_dict, parse_overrides, to_dict, validate
-            cfg = from_dict(_merge(to_dict(cfg), parse_overrides(overrides)))
+            from sskd.config import from_dict, merge_dicts, parse_overrides, to_dict, validate
+            cfg = from_dict(merge_dicts(to_dict(cfg), parse_overrides(overrides)))
             validate(cfg)
             save_config(cfg, rd.config)
     else:
