@@ -137,6 +137,15 @@ class PseudoLabelConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Which predictions are scored by mask AP (COCO keeps low-confidence ones: AP rewards recall)."""
+
+    score_threshold: float = 0.0      # keep predictions with score >= this
+    max_instances: int = 100          # COCO's maxDets: at most this many per image
+    mask_threshold: float = 0.5       # binarise mask probabilities at this value
+
+
+@dataclass
 class StageConfig:
     """One stage of the pipeline: on/off, its loss weights and its training schedule."""
 
@@ -177,6 +186,7 @@ class Config:
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="mask2former", size="teacher_demo"))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name="mask2former", size="student_demo"))
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     pixel_contrast: PixelContrastConfig = field(default_factory=PixelContrastConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
     ablations: dict = field(default_factory=dict)  # name -> overrides dict, each a separate run

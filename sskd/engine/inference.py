@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sskd.config import PseudoLabelConfig
+from sskd.config import EvaluationConfig, PseudoLabelConfig
 from sskd.data.records import Dataset, ImageRecord, Instance
 from sskd.engine.data import SampleCache
 from sskd.models.base import Prediction, Segmenter
@@ -56,7 +56,8 @@ def prediction_to_record(pred: Prediction, record: ImageRecord) -> ImageRecord:
 
 
 @torch.no_grad()
-def iter_predictions(model: Segmenter, dataset: Dataset, cfg: PseudoLabelConfig, *,
+def iter_predictions(model: Segmenter, dataset: Dataset,
+                     cfg: PseudoLabelConfig | EvaluationConfig, *,
                      input_size: int, batch_size: int = 16, device: str | torch.device = "cpu",
                      skip_ids: set[int] | None = None, cache: SampleCache | None = None,
                      progress: bool = False, desc: str = "predict") -> Iterator[ImageRecord]:
@@ -77,7 +78,7 @@ def iter_predictions(model: Segmenter, dataset: Dataset, cfg: PseudoLabelConfig,
 
 
 def predict_to_jsonl(model: Segmenter, dataset: Dataset, out_path: str | Path,
-                     cfg: PseudoLabelConfig, *, input_size: int, batch_size: int = 16,
+                     cfg: PseudoLabelConfig | EvaluationConfig, *, input_size: int, batch_size: int = 16,
                      device: str | torch.device = "cpu", progress: bool = False,
                      desc: str = "predict") -> Path:
     """Stream predictions of every image to ``out_path`` (JSON lines), resumable.

@@ -140,23 +140,24 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     return load_model(paths.model_dir)
 
 
-def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str) -> Path:
+def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str,
+             thresholds) -> Path:
     """predict_to_jsonl, recomputed when the model, the images or the thresholds changed."""
-    fp = fingerprint(model, dataset, run.cfg.pseudo_label, run.cfg.data.input_size)
+    fp = fingerprint(model, dataset, thresholds, run.cfg.data.input_size)
     side = out.with_name(out.name + ".fingerprint")
     if not side.is_file() or side.read_text() != fp:
         for q in (out, out.with_name(out.name + ".partial")):
             q.unlink(missing_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         side.write_text(fp)
-    return predict_to_jsonl(model, dataset, out, run.cfg.pseudo_label,
+    return predict_to_jsonl(model, dataset, out, thresholds,
                             input_size=run.cfg.data.input_size, device=run.device, desc=desc)
 
 
 def evaluate_model(run: Run, model: Segmenter, tag: str, val: Dataset) -> dict:
     """Predict val -> ``predictions/<tag>.jsonl``, mask AP -> ``metrics.json`` models[tag]."""
     from sskd.evaluation.coco_eval import evaluate_masks
-    path = _predict(run, model, val, run.dir.predictions(tag), f"eval {tag}")
+    path = _predict(run, model, val, run.dir.predictions(tag), f"eval {tag}", run.cfg.evaluation)
     preds = list(iter_records_jsonl(path))
     res = evaluate_masks(val, preds)
     res["params"] = model.num_parameters()
@@ -171,7 +172,8 @@ def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Da
     When D_u carries hidden ground truth (synthetic data), the pseudo-labels' own mask AP is
     recorded under ``metrics["pseudo_labels"][tag]`` (never used for training).
     """
-    path = _predict(run, model, unlabeled, run.dir.pseudo_labels(tag), f"pseudo-label {tag}")
+    path = _predict(run, model, unlabeled, run.dir.pseudo_labels(tag), f"pseudo-label {tag}",
+                    run.cfg.pseudo_label)
     records = list(iter_records_jsonl(path))
     if any(r.instances for r in unlabeled.records):
         from sskd.evaluation.coco_eval import evaluate_masks
