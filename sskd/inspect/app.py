@@ -82,8 +82,10 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
     else:
         if _SESSION is not None:
             _SESSION.close()
+        # FiftyOne refuses remote sessions inside a kernel; there the App is shown inline
+        in_notebook = focx.is_notebook_context()
         session = fo.launch_app(dataset, view=target, port=port or free_port(), address=address,
-                                remote=True, auto=auto, height=height)
+                                remote=not in_notebook, auto=auto and in_notebook, height=height)
         _SESSION = session
     url = app_url(session, dataset.name)
     log.info("FiftyOne App for %s at %s", dataset.name, url)
