@@ -1,7 +1,7 @@
 """The run report: ``runs/<name>/report/report.md`` + ``report.html`` + figures + metrics copy.
 
 Everything in it is read from the run dir (``metrics.json``, ``logs/``, ``config.yaml``); the
-"claims" section compares measured numbers and prints PASS/FAIL, nothing is hard-coded.
+"claims" section compares measured numbers and prints PASS/FAIL (WITHIN NOISE when the difference is below one run's seed noise), nothing is hard-coded.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def ablations_section(metrics: Mapping[str, Any], cfg: Config | None) -> str:
 
 @dataclass
 class Claim:
-    """One paper claim checked on this run: ``status`` is PASS, FAIL or SKIPPED."""
+    """One paper claim checked on this run: ``status`` is PASS, FAIL, WITHIN NOISE or SKIPPED."""
 
     name: str
     status: str
@@ -254,6 +254,11 @@ def _noise(diff: float) -> str:
     return "" if abs(diff) >= NOISE_AP else f"; |difference| < {NOISE_AP:g} AP, within single-run seed noise"
 
 
+def _verdict(holds: bool, diff: float) -> str:
+    """PASS/FAIL, or WITHIN NOISE when the AP difference is smaller than one run's seed noise."""
+    return "WITHIN NOISE" if abs(diff) < NOISE_AP else ("PASS" if holds else "FAIL")
+
+
 def check_claims(metrics: Mapping[str, Any], cfg: Config | None = None) -> list[Claim]:
     """The paper's claims, measured on this run (see the module docstring)."""
     models = metrics.get("models", {})
@@ -265,7 +270,7 @@ def check_claims(metrics: Mapping[str, Any], cfg: Config | None = None) -> list[
         claims.append(Claim(name, "SKIPPED", "not measured: needs teacher_zero_shot and "
                                              "teacher_adapted in metrics.json"))
     else:
-        claims.append(Claim(name, "PASS" if aa > za else "FAIL",
+        claims.append(Claim(name, _verdict(aa > za, aa - za),
                             f"adapted {aa:.1f} vs zero-shot {za:.1f} ({aa - za:+.1f} AP)"
                             + _noise(aa - za)))
 
@@ -278,7 +283,8 @@ def check_claims(metrics: Mapping[str, Any], cfg: Config | None = None) -> list[
     else:
         ratio = pt / ps
         ok = ra >= aa and ratio >= MIN_PARAM_RATIO
-        claims.append(Claim(name, "PASS" if ok else "FAIL",
+        status = _verdict(ok, ra - aa) if ratio >= MIN_PARAM_RATIO else "FAIL"
+        claims.append(Claim(name, status,
                             f"student {ra:.1f} vs teacher {aa:.1f} AP ({ra - aa:+.1f}); params "
                             f"{fmt_params(ps)} vs {fmt_params(pt)} ({ratio:.1f}x fewer)" + _noise(ra - aa)))
 
@@ -304,7 +310,7 @@ def _fused_vs_uniform(metrics: Mapping[str, Any], cfg: Config | None) -> Claim:
     if tag is None:
         return Claim(name, "SKIPPED", f"not measured: {fl} and {ul} share no evaluated model")
     f, u = _ap(fm, tag), _ap(um, tag)
-    return Claim(name, "PASS" if f >= u else "FAIL",
+    return Claim(name, _verdict(f >= u, f - u),
                  f"`{tag}`: fused {f:.1f} ({fl}) vs uniform {u:.1f} ({ul}) ({f - u:+.1f} AP)"
                  + _noise(f - u))
 
