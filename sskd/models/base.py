@@ -214,6 +214,11 @@ def register_model(name: str) -> Callable:
     return deco
 
 
+def unregister_model(name: str) -> None:
+    """Remove a registered builder (for test doubles and notebooks that re-run a cell)."""
+    _REGISTRY.pop(name, None)
+
+
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
 

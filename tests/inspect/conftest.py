@@ -35,7 +35,8 @@ from PIL import Image
 from sskd.config import Config, save_config
 from sskd.data.records import Dataset, ImageRecord, Instance, write_records_jsonl
 from sskd.inspect import database
-from sskd.models.base import Segmenter, SegmenterOutput, build_model, register_model
+from sskd.models.base import (Segmenter, SegmenterOutput, build_model, register_model,
+                              unregister_model)
 from sskd.rundir import RunDir
 
 SIZE = 48
@@ -197,7 +198,15 @@ def exported(mongod, smoke_run):
 # --------------------------------------------------------------------------- a tiny embedder
 
 
-@register_model("inspect_colour_embedder")
+@pytest.fixture(scope="session", autouse=True)
+def _colour_embedder_registered():
+    """Registered while these tests run only: the model-interface tests parametrised over
+    ``list_models()`` at collection must not see this test double."""
+    register_model("inspect_colour_embedder")(_build_colour_embedder)
+    yield
+    unregister_model("inspect_colour_embedder")
+
+
 def _build_colour_embedder(num_classes: int, stride: int = 4, **_: object) -> "ColourEmbedder":
     return ColourEmbedder(num_classes, stride=stride)
 
