@@ -356,12 +356,8 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from sskd.data.records import write_atomic
+    return write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def read_config(path: str | Path) -> Config:

@@ -1,7 +1,8 @@
 """The run report: ``runs/<name>/report/report.md`` + ``report.html`` + figures + metrics copy.
 
 Everything in it is read from the run dir (``metrics.json``, ``logs/``, ``config.yaml``); the
-"claims" section compares measured numbers and prints PASS/FAIL (WITHIN NOISE when the difference is below one run's seed noise), nothing is hard-coded.
+"claims" section compares measured numbers and prints PASS/FAIL (WITHIN NOISE when the
+difference is below one run's seed noise); nothing is hard-coded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sskd.config import Config, ConfigError, parse_overrides, read_config
+from sskd.data.records import write_atomic
 from sskd.data.records import write_json_atomic
 from sskd.rundir import MODEL_TAGS, RunDir
 
@@ -412,9 +414,7 @@ def build_report(run: Any, figures: bool = True) -> Path:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- markdown -> html

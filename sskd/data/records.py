@@ -13,6 +13,7 @@ Conventions (used everywhere in sskd):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -201,15 +202,23 @@ def to_coco(dataset: Dataset, image_root: str | Path | None = None,
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def write_json_atomic(obj: Any, path: str | Path, **dump_kwargs: Any) -> Path:
-    """Write json to ``path`` via a temp file + rename, so readers never see half a file."""
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` via a per-process temp file + rename: readers never see half a file and
+    concurrent writers (torchrun ranks) never share a temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, **dump_kwargs)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     tmp.replace(path)
     return path
+
+
+def write_json_atomic(obj: Any, path: str | Path, **dump_kwargs: Any) -> Path:
+    """Write json to ``path`` atomically (see :func:`write_atomic`)."""
+    return write_atomic(path, json.dumps(obj, **dump_kwargs))
 
 
 # --------------------------------------------------------------------------- JSON lines

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from sskd.data.records import Dataset
+from sskd.data.records import Dataset, write_atomic
 from sskd.rundir import RunDir
 
 SPLIT_NAMES = ("labeled", "unlabeled", "val")
@@ -80,11 +79,7 @@ def write_split(path: str | Path, image_ids: Iterable[int], *, dataset: str, see
     """
     path = Path(path)
     data = split_bytes(image_ids, dataset=dataset, seed=seed, fraction=fraction, name=name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per-process: writers never collide
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, data)
 
 
 def read_split_file(path: str | Path) -> dict:

@@ -84,6 +84,16 @@ class Segmenter(nn.Module, ABC):
         """Forward + losses in one call (the supervised step)."""
         return self.compute_losses(self(images), targets)
 
+    @torch.no_grad()
+    def forward_eval(self, images: torch.Tensor) -> SegmenterOutput:
+        """Forward in eval mode (no dropout, frozen norms), restoring the training flag after."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(images)
+        finally:
+            self.train(was_training)
+
     def pixel_embeddings(self, images: torch.Tensor, head: str = "weak") -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x D x h x w`` L2-normalised embeddings of one projection head.
 
@@ -106,12 +116,7 @@ class Segmenter(nn.Module, ABC):
     def predict(self, images: torch.Tensor, score_threshold: float = 0.3, max_instances: int = 100,
                 mask_threshold: float = 0.5) -> list[Prediction]:
         """``B x 3 x H x W`` -> one :class:`Prediction` per image (non-overlapping masks)."""
-        was_training = self.training
-        self.eval()
-        try:
-            out = self(images)
-        finally:
-            self.train(was_training)
+        out = self.forward_eval(images)
         return postprocess_instances(out.class_logits, out.mask_logits, images.shape[-2:],
                                      score_threshold, max_instances, mask_threshold)
 

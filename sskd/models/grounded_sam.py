@@ -306,12 +306,7 @@ class GroundedSamTeacher(Segmenter):
         """
         thr = self.score_threshold if score_threshold is None else float(score_threshold)
         k = self.max_instances if max_instances is None else int(max_instances)
-        was_training = self.training
-        self.eval()
-        try:
-            out = self(images)
-        finally:
-            self.train(was_training)
+        out = self.forward_eval(images)
         H, W = images.shape[-2:]
         scores, classes = out.class_logits[..., :-1].float().sigmoid().max(-1)   # B x Q
         results = []
