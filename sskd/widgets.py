@@ -10,7 +10,7 @@ kind of bar for notebook code.
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import ipywidgets as W
 import numpy as np

@@ -45,7 +45,6 @@ from sskd.integrations.detectron2_require import require_detectron2
 require_detectron2()
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from detectron2.layers import paste_masks_in_image  # noqa: E402
 from detectron2.modeling import build_model as d2_build_model  # noqa: E402

@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from transformers import Dinov2Model
 
 CONFIG_NAME = "config.json"

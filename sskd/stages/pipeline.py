@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sskd.data.records import Dataset
 from sskd.stages.common import (StageTimer, build_from_config, evaluate_model, load_pseudo_labels,
                                 pretrained_teacher, pseudo_label, train_stage)
 from sskd.stages.data import load_datasets

@@ -10,7 +10,6 @@ from typing import Any, Mapping
 import torch
 
 from sskd.config import Config, load_config, read_config, save_config
-from sskd.data.records import Dataset
 from sskd.rundir import RunDir
 
 log = logging.getLogger("sskd")
@@ -66,7 +65,3 @@ def as_run(run: Run | str | Path) -> Run:
         return run
     rd = RunDir(run)
     return Run(rd, read_config(rd.config))
-
-
-def empty_dataset(classes: list[str], name: str) -> Dataset:
-    return Dataset([], list(classes), name)

@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from sskd.config import ConfigError, SyntheticConfig, SyntheticDomainConfig, config_hash
+from sskd.config import ConfigError, SyntheticConfig, config_hash
 from sskd.data import synthetic
 from sskd.data.synthetic import (MARKER, PALETTES, _rasterize, _rng, _shape_geometry,
                                  generate_benchmark, generate_domain, render_image)

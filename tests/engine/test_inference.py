@@ -5,7 +5,6 @@ import json
 import torch
 
 from sskd.config import PseudoLabelConfig
-from sskd.data.records import iter_records_jsonl
 from sskd.engine.inference import iter_predictions, predict_to_jsonl
 from sskd.models import build_model
 

@@ -1,7 +1,7 @@
 """The training engine: schedule, objective switches, logs, kill-and-resume equivalence."""
 
-import json
 import os
+from dataclasses import replace
 import signal
 import subprocess
 import sys
@@ -28,6 +28,13 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def _as_pseudo_labels(records, classes, score: float) -> Dataset:
+    """Ground truth turned into teacher-style pseudo-labels with a confidence."""
+    return Dataset([ImageRecord(r.file_name, r.height, r.width, r.image_id,
+                                [replace(i, score=score) for i in r.instances])
+                    for r in records], classes)
+
+
 def test_poly_schedule_and_warmup():
     assert poly_factor(0, 100, 0.9, 0) == 1.0
     assert poly_factor(50, 100, 1.0, 0) == pytest.approx(0.5)
@@ -47,9 +54,7 @@ def test_hard_pseudo_labels_threshold_and_cap(toy):
 
 def test_train_full_objective_logs_every_term(toy, tmp_path):
     model = build_model("mask2former", 3, size="tiny")
-    unl = Dataset([ImageRecord(r.file_name, r.height, r.width, r.image_id,
-                               [type(i)(**{**i.__dict__, "score": 0.8}) for i in r.instances])
-                   for r in toy.records[4:]], toy.classes)
+    unl = _as_pseudo_labels(toy.records[4:], toy.classes, 0.8)
     paths = TrainPaths.in_dir(tmp_path / "run", "stage")
     obj = Objective(l_semi=1.0, l_pxl=0.1,
                     pixel_contrast=PixelContrastConfig(num_anchors=16, num_negatives=8))
@@ -145,13 +150,10 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 
 
 def test_engine_trains_the_grounded_sam_teacher_with_every_term(tmp_path):
-    from sskd.engine.data import SampleCache
     toy = make_dataset(tmp_path / "toy64", n=4, size=64)
     torch.manual_seed(0)
     model = build_model("grounded_sam", 3, size="tiny", classes=toy.classes, mask_model="sam")
-    unl = Dataset([ImageRecord(r.file_name, r.height, r.width, r.image_id,
-                               [type(i)(**{**i.__dict__, "score": 0.9}) for i in r.instances])
-                   for r in toy.records[2:]], toy.classes)
+    unl = _as_pseudo_labels(toy.records[2:], toy.classes, 0.9)
     paths = TrainPaths.in_dir(tmp_path / "run", "adapt")
     obj = Objective(l_semi=1.0, l_pxl=0.1,
                     pixel_contrast=PixelContrastConfig(num_anchors=8, num_negatives=4))

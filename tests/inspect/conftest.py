@@ -20,8 +20,6 @@ The crafted run (48 x 48 images of red circles and green squares on grey):
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 from pathlib import Path
@@ -34,7 +32,6 @@ from PIL import Image
 
 from sskd.config import Config, save_config
 from sskd.data.records import Dataset, ImageRecord, Instance, write_records_jsonl
-from sskd.inspect import database
 from sskd.models.base import (Segmenter, SegmenterOutput, build_model, register_model,
                               unregister_model)
 from sskd.rundir import RunDir

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from sskd.data.records import Dataset, iter_records_jsonl
+from sskd.data.records import iter_records_jsonl
 
 FIELDS = ("pl_teacher_zero_shot", "pl_teacher_adapted", "pred_teacher_adapted",
           "pred_student_refined")
