@@ -23,8 +23,8 @@ from typing import Callable, Mapping
 from sskd.config import read_config
 from sskd.data.records import Dataset
 from sskd.inspect.embeddings import compute_embeddings, compute_visualizations
-from sskd.inspect.fiftyone_export import PREFIXES, export_run, fo
-from sskd.inspect.views import build_views
+from sskd.inspect.fiftyone_export import GT_FIELD, PREFIXES, export_run, fo
+from sskd.inspect.views import build_views, default_pairs, label_fields
 from sskd.rundir import RunDir
 
 log = logging.getLogger("sskd.inspect")
@@ -62,7 +62,8 @@ def export_run_dir(run_dir: str | Path, datasets: Mapping[str, Dataset] | None =
 
     ``datasets``: ``{"labeled", "unlabeled", "val"}`` Datasets (default: rebuilt with
     ``load_datasets(run_dir)``); unlabeled records may carry held-out ground truth.
-    ``views``: evaluate every field and save the bias views. ``embeddings``: embed images and
+    ``views``: evaluate the fields named by the run's ``inspect.view_fields`` (all when empty)
+    and save their bias views; ``embeddings`` covers the same fields plus the ground truth. ``embeddings``: embed images and
     instances with the teacher and student checkpoints and compute 2-D visualizations
     (``method``: auto | pca | umap | tsne).
     """
@@ -81,9 +82,22 @@ def export_run_dir(run_dir: str | Path, datasets: Mapping[str, Dataset] | None =
     splits = {"val": val, "labeled": lab, "unlabeled": unl}
     ds = export_run(rd.root, gt, unl, splits, run_fields(rd.root), classes=val.classes,
                     metrics=rd.metrics if rd.metrics.is_file() else None)
+    # inspect.view_fields narrows the costly parts (evaluations, mistakenness, instance
+    # embeddings) to the fields a researcher looks at; every field is still exported
+    fields = list(cfg.inspect.view_fields) or None
+    if fields is not None:
+        present = label_fields(ds)
+        absent = [f for f in fields if f not in present]
+        if absent:
+            log.warning("inspect.view_fields: %d field(s) not in this run, skipped: %s "
+                        "(present: %s)", len(absent), absent, present)
+        fields = [f for f in fields if f in present]
     if views:
-        build_views(ds)
+        pairs = None if fields is None else [
+            (a, b) for a, b in default_pairs(ds) if a in fields and b in fields]
+        build_views(ds, fields=fields, pairs=pairs, mistakenness=cfg.inspect.mistakenness)
     if embeddings:
+        embed_fields = None if fields is None else [GT_FIELD, *fields]
         for key, tags in EMBEDDING_MODELS.items():
             model_dir = next((rd.model_dir(t) for t in tags if rd.model_dir(t).is_dir()), None)
             if model_dir is None:
@@ -91,6 +105,8 @@ def export_run_dir(run_dir: str | Path, datasets: Mapping[str, Dataset] | None =
                          [str(rd.model_dir(t)) for t in tags])
                 continue
             model = load_model(model_dir, map_location=device)
-            compute_embeddings(ds, model, key, input_size=cfg.data.input_size, device=device)
-            compute_visualizations(ds, key, method=method, seed=cfg.seed)
+            compute_embeddings(ds, model, key, label_fields=embed_fields,
+                               input_size=cfg.data.input_size, device=device)
+            compute_visualizations(ds, key, label_fields=embed_fields, method=method,
+                                   seed=cfg.seed)
     return ds

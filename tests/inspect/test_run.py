@@ -42,3 +42,27 @@ def test_missing_checkpoints_and_bad_datasets_are_reported(smoke_run, run_mod, t
     assert "embeddings student skipped" in caplog.text
     assert "emb_teacher" not in ds.get_field_schema() and ds.list_saved_views() == []
     ds.delete()
+
+
+def test_view_fields_narrow_evaluations_views_and_embeddings(smoke_run, run_mod, tmp_path, caplog):
+    from sskd.config import read_config, save_config
+
+    root = tmp_path / "narrow"
+    shutil.copytree(smoke_run.root, root)
+    keep = sorted(smoke_run.fields)[0]
+    cfg = read_config(root / "config.yaml")
+    cfg.inspect.view_fields = [keep, "pl_no_such_teacher"]
+    cfg.inspect.mistakenness = False
+    save_config(cfg, root / "config.yaml")
+    with caplog.at_level(logging.WARNING, logger="sskd.inspect"):
+        ds = run_mod.export_run_dir(root, datasets=smoke_run.splits, method="pca")
+    assert "1 field(s) not in this run, skipped: ['pl_no_such_teacher']" in caplog.text
+    info = ds.info["sskd"]
+    assert set(info["fields"]) == {"ground_truth", *smoke_run.fields}  # all still exported
+    assert set(info["evaluations"]) == {keep}
+    assert {v.split("_", 1)[1] for v in ds.list_saved_views()} <= {keep}
+    assert not any(v.startswith("mistaken_") for v in ds.list_saved_views())
+    other = next(f for f in smoke_run.fields if f != keep)
+    embedded = lambda f: ds.count(f"{f}.detections.emb_teacher")  # noqa: E731
+    assert embedded(keep) > 0 and embedded("ground_truth") > 0 and embedded(other) == 0
+    ds.delete()
