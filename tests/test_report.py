@@ -80,6 +80,7 @@ def test_build_report_writes_all_files_with_exact_tables(run_dir):
             "(10.9x fewer); |difference| < 3.5 AP, within single-run seed noise |") in md
     assert ("| **WITHIN NOISE** | `student_transfer`: fused 32.2 (main run) vs uniform 29.4 "
             "(ablation uniform_negatives) (+2.8 AP); |difference| < 3.5 AP, within single-run seed noise |") in md
+    assert "| **PASS** | refined 33.9 vs supervised 21.1 (+12.8 AP) |" in md
     html = (out / "report.html").read_text()
     assert html.count("<table>") == sum(ln.startswith("|---") for ln in md.splitlines()) and "<img alt=\"mask AP per stage\"" in html
 
@@ -90,14 +91,29 @@ def test_claims_fail_and_skip_on_measured_numbers(run_dir):
     m["models"]["student_refined"]["params"] = 100_000_000  # only 5.7x smaller
     m["ablations"] = {}
     claims = report.check_claims(m, Config())
-    assert [c.status for c in claims] == ["WITHIN NOISE", "FAIL", "SKIPPED"]
+    assert [c.status for c in claims] == ["WITHIN NOISE", "FAIL", "PASS", "SKIPPED"]
     m["models"]["teacher_adapted"]["AP"] = 17.0        # hurt by more than the noise
     assert report.check_claims(m, Config())[0].status == "FAIL"
     assert claims[0].detail == "adapted 21.0 vs zero-shot 22.0 (-1.0 AP); |difference| < 3.5 AP, within single-run seed noise"
     assert "within single-run seed noise" in claims[0].detail
     assert "5.7x fewer" in claims[1].detail
     del m["models"]["student_refined"]
-    assert report.check_claims(m)[1].status == "SKIPPED"
+    assert [c.status for c in report.check_claims(m)][1:3] == ["SKIPPED", "SKIPPED"]
+
+
+def test_the_noise_threshold_comes_from_the_run_config():
+    m = {"models": {"teacher_zero_shot": {"AP": 10.0}, "teacher_adapted": {"AP": 12.0},
+                    "student_supervised": {"AP": 11.0}, "student_refined": {"AP": 9.0,
+                                                                            "params": 1e6}}}
+    m["models"]["teacher_adapted"]["params"] = 2e7
+    cfg = Config()
+    assert [c.status for c in report.check_claims(m, cfg)][:3] == ["WITHIN NOISE"] * 3
+    cfg.evaluation.seed_noise_ap = 1.0
+    c = report.check_claims(m, cfg)
+    assert [x.status for x in c][:3] == ["PASS", "FAIL", "FAIL"]
+    assert c[2].detail == "refined 9.0 vs supervised 11.0 (-2.0 AP)"
+    cfg.evaluation.seed_noise_ap = 2.0                # |-2.0| is not below 2.0
+    assert report.check_claims(m, cfg)[2].status == "FAIL"
 
 
 def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
@@ -112,8 +128,8 @@ def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
     assert c[1].status == "WITHIN NOISE" and "20.0x fewer" in c[1].detail
     m["efficiency"] = [{"name": "teacher", "params_M": 30.0}, {"name": "student", "params_M": 1.0}]
     assert "30.0x fewer" in report.check_claims(m, cfg)[1].detail
-    assert c[2].status == "WITHIN NOISE"
-    assert c[2].detail == ("`student_transfer`: fused 2.0 (ablation neg) vs uniform 3.0 (main run) "
+    assert c[3].status == "WITHIN NOISE"
+    assert c[3].detail == ("`student_transfer`: fused 2.0 (ablation neg) vs uniform 3.0 (main run) "
                            "(-1.0 AP); |difference| < 3.5 AP, within single-run seed noise")
 
 
@@ -123,7 +139,7 @@ def test_report_of_a_fresh_run_marks_missing_rows(tmp_path):
     md = report.build_report(rd).read_text()
     assert "| zero-shot teacher | `teacher_zero_shot` | — | — | — |" in md
     assert "No ablations were run" in md and "Efficiency\n\nNot measured." in md
-    assert md.count("SKIPPED") == 3
+    assert md.count("SKIPPED") == 4
     with pytest.raises(FileNotFoundError, match="sskd run"):
         report.build_report(tmp_path / "missing")
 
