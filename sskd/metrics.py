@@ -33,11 +33,20 @@ def read_metrics(path: str | Path) -> dict:
 
 
 def update_metrics(path: str | Path, section: str, key: str | None, value: Any) -> dict:
-    """Set ``metrics[section][key] = value`` (or ``metrics[section] = value`` when key is None)."""
-    data = read_metrics(path)
-    if key is None:
-        data[section] = value
-    else:
-        data.setdefault(section, {})[key] = value
-    write_json_atomic(data, path, indent=2, sort_keys=True)
+    """Set ``metrics[section][key] = value`` (or ``metrics[section] = value`` when key is None).
+
+    The read-modify-write holds an exclusive lock on ``<path>.lock``: stages that run in
+    parallel processes (:mod:`sskd.stages.parallel`) update the same file.
+    """
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_metrics(path)
+        if key is None:
+            data[section] = value
+        else:
+            data.setdefault(section, {})[key] = value
+        write_json_atomic(data, path, indent=2, sort_keys=True)
     return data
