@@ -107,7 +107,7 @@ class TrainConfig:
     amp: bool = True                  # mixed precision on CUDA (ignored on CPU)
     checkpoint_every: int = 100       # steps between checkpoints (resume granularity)
     log_every: int = 10               # steps between metric log lines
-    seed: int = 0                     # seed of sampling, augmentation and init
+    seed: int = 0                     # seed of batch sampling, augmentation and loss points (combined with the run's ``seed``)
 
 
 @dataclass
@@ -143,6 +143,10 @@ class EvaluationConfig:
     score_threshold: float = 0.0      # keep predictions with score >= this
     max_instances: int = 100          # COCO's maxDets: at most this many per image
     mask_threshold: float = 0.5       # binarise mask probabilities at this value
+    # AP difference below which the report calls a claim WITHIN NOISE: one short CPU run's
+    # seed-to-seed spread (CPU-TRAINING-NOTES.md: 3-4 AP); measure yours with
+    # benchmarks/seed_noise.py
+    seed_noise_ap: float = 3.5
 
 
 @dataclass
@@ -164,6 +168,10 @@ class StagesConfig:
     """The three stages of PAPER.md plus the supervised-only baselines."""
 
     teacher_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))  # stand-in teacher on the source domain
+    # Stand-in for the student's foundation backbone (DINOv2-S in PAPER.md): with steps > 0 and
+    # the synthetic benchmark, the student is pretrained on the source domain (cached like the
+    # stand-in teacher) and every student stage starts from it; 0 = random init / student.weights.
+    student_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0))
     adapt_1a: StageConfig = _stage(0.0, 0.1)        # teacher on D_l with L_pxl
     adapt_1b: StageConfig = _stage(1.0, 0.1)        # teacher re-init, D_l + pseudo D_u + L_pxl
     transfer: StageConfig = _stage(1.0, 0.1)        # student on D_l + teacher pseudo D_u + L_pxl
@@ -173,15 +181,29 @@ class StagesConfig:
 
 
 @dataclass
+class InspectConfig:
+    """The run's FiftyOne dataset (notebook 04, ``sskd app``; see :mod:`sskd.inspect.run`)."""
+
+    # pl_/pred_ fields that get a FiftyOne evaluation and bias views ([] = every field). Every
+    # field is exported either way; evaluating one costs ~3-12 s on the demo's 600 images.
+    view_fields: list = field(default_factory=list)
+    mistakenness: bool = True         # FiftyOne Brain mistakenness of pseudo-labels (~15 s per field on the demo)
+
+
+@dataclass
 class Config:
     """The whole run."""
 
     run_name: str = "default"         # run dir is ``<runs_root>/<run_name>``
     runs_root: str = "runs"           # parent of all run dirs
     preset: str = ""                  # preset this config came from (informational)
-    seed: int = 0                     # global seed
+    seed: int = 0                     # global seed: model init, and every stage's sampling together with its train.seed
     device: str = "auto"              # "auto" (cuda if available) | "cpu" | "cuda"
     cache_dir: str = ""               # stand-in teacher cache ("" = ~/.cache/sskd)
+    # 2: on a CPU with >= 2 cores, independent trainings (stand-in student, supervised baselines,
+    # ablations) run in a second process beside the stage's own, one core each (a second thread
+    # speeds a small model up by 0-16%, a second job by ~2x); 1: everything in order
+    workers: int = 2
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="mask2former", size="teacher_demo"))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name="mask2former", size="student_demo"))
@@ -190,6 +212,7 @@ class Config:
     pixel_contrast: PixelContrastConfig = field(default_factory=PixelContrastConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
     ablations: dict = field(default_factory=dict)  # name -> overrides dict, each a separate run
+    inspect: InspectConfig = field(default_factory=InspectConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -353,6 +376,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.kind must be synthetic|coco|cityscapes|ade20k, got {cfg.data.kind!r}")
     if cfg.pixel_contrast.temperature <= 0:
         raise ConfigError("pixel_contrast.temperature must be > 0")
+    if cfg.workers < 1:
+        raise ConfigError(f"workers must be >= 1 (1 = no side process), got {cfg.workers}")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

@@ -26,14 +26,24 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def reruns_teacher(overrides: dict) -> bool:
+    """Whether an ablation's overrides change stage 1 (else it reuses the parent's teacher)."""
+    return any(k.startswith(_TEACHER_KEYS) for k in _flat_keys(nest_keys(overrides)))
+
+
+def transfer_only_ablations(run: Run) -> list[str]:
+    """Ablations that re-run only stage 2: they can train beside the parent's stage 2."""
+    return [n for n, ov in run.cfg.ablations.items() if not reruns_teacher(ov)]
+
+
 def ablation_run(run: Run, name: str, overrides: dict) -> tuple[Run, bool]:
     """Create (or open) the child run of one ablation; returns it and whether stage 1 re-runs."""
     nested = nest_keys(overrides)
-    keys = _flat_keys(nested)
-    rerun_teacher = any(k.startswith(_TEACHER_KEYS) for k in keys)
+    rerun_teacher = reruns_teacher(overrides)
     root = run.dir.root / "ablations"
     data = merge_dicts(to_dict(run.cfg), nested)
-    data.update(run_name=name, runs_root=str(root), ablations={})
+    # workers 1: a child run is itself run in the parent's side process (no nested processes)
+    data.update(run_name=name, runs_root=str(root), ablations={}, workers=1)
     data["stages"]["student_supervised"]["enabled"] = False
     data["stages"]["teacher_supervised"]["enabled"] = False
     cfg = from_dict(data)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sskd.stages.common import (StageTimer, build_from_config, evaluate_model, load_pseudo_labels,
-                                pretrained_teacher, pseudo_label, train_stage)
+from sskd.stages.common import (StageTimer, evaluate_model, initial_student, is_standin,
+                                load_pseudo_labels, pretrained_teacher, pseudo_label,
+                                student_is_standin, train_stage)
+from sskd.stages.parallel import side_jobs
 from sskd.stages.data import load_datasets
 from sskd.stages.run import Run, as_run, log, set_threads
 from sskd.metrics import read_metrics
@@ -22,21 +24,42 @@ def _models_summary(run: Run, tags: list[str]) -> dict:
 
 
 def zero_shot(run: Run | str | Path, progress: bool = True) -> dict:
-    """Zero-shot teacher theta_T0: pseudo-label D_u and evaluate on val (row 1 of Table 1)."""
+    """Zero-shot teacher theta_T0: pseudo-label D_u and evaluate on val (row 1 of Table 1).
+
+    Beside the stand-in teacher's pretraining, a side process (:mod:`sskd.stages.parallel`)
+    pretrains the stand-in student and trains the supervised student baseline: neither needs
+    the teacher, and on 2 cores both fit in the teacher's pretraining time.
+    """
     run = as_run(run)
     set_threads()
+    side = [j for j, on in (("student_pretrain", student_is_standin(run)),
+                            ("student_supervised", run.cfg.stages.student_supervised.enabled)) if on]
     with StageTimer(run, "zero_shot"):
         ds = load_datasets(run, with_source=True)
-        teacher = pretrained_teacher(run, ds, progress=progress)
+        with side_jobs(run, side if is_standin(run) else []):
+            teacher = pretrained_teacher(run, ds, progress=progress)
         pseudo_label(run, teacher, "teacher_zero_shot", ds["unlabeled"])
         evaluate_model(run, teacher, "teacher_zero_shot", ds["val"])
     return _models_summary(run, ["teacher_zero_shot"])
 
 
+def teacher_supervised(run: Run | str | Path, progress: bool = True) -> dict:
+    """Baseline: theta_T0 fine-tuned on D_l with L_sup only ("teacher, supervised" row)."""
+    run = as_run(run)
+    st = run.cfg.stages.teacher_supervised
+    if st.enabled:
+        ds = load_datasets(run, with_source=is_standin(run))
+        m = train_stage(run, "teacher_supervised", pretrained_teacher(run, ds, progress),
+                        ds["labeled"], None, st, run.cfg.teacher.freeze_encoder, progress)
+        evaluate_model(run, m, "teacher_supervised", ds["val"])
+    return _models_summary(run, ["teacher_supervised"])
+
+
 def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
     """Stage 1: 1a (D_l + L_pxl) -> pseudo-labels -> 1b (re-init, D_l + pseudo D_u + L_pxl).
 
-    Also the supervised-only teacher baseline (theta_T0 fine-tuned on D_l with L_sup).
+    Also the supervised-only teacher baseline (theta_T0 fine-tuned on D_l with L_sup), in a
+    side process beside 1a/1b when ``workers >= 2``.
     With ``stages.adapt_1b.enabled: false`` the 1a teacher is the adapted one; with both off,
     the zero-shot pseudo-labels are used downstream (the "no teacher adaptation" ablation).
     """
@@ -47,26 +70,25 @@ def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
     with StageTimer(run, "adapt_teacher"):
         ds = load_datasets(run, with_source=True)
         lab, unl = ds["labeled"], ds["unlabeled"]
-        if st.teacher_supervised.enabled:
-            m = train_stage(run, "teacher_supervised", pretrained_teacher(run, ds, progress), lab,
-                            None, st.teacher_supervised, freeze, progress)
-            evaluate_model(run, m, "teacher_supervised", ds["val"])
         adapted = None
-        if st.adapt_1a.enabled:
-            t1a = train_stage(run, "teacher_1a", pretrained_teacher(run, ds, progress), lab, None,
-                              st.adapt_1a, freeze, progress)
-            evaluate_model(run, t1a, "teacher_1a", ds["val"])
-            pl_1a = pseudo_label(run, t1a, "teacher_1a", unl)
-            adapted = t1a
-            if st.adapt_1b.enabled:
-                # 1b re-initialises from theta_T0, not from theta_T' (PAPER.md stage 1b).
-                adapted = train_stage(run, "teacher_adapted", pretrained_teacher(run, ds, progress),
-                                      lab, pl_1a, st.adapt_1b, freeze, progress)
-        if adapted is not None:
-            evaluate_model(run, adapted, "teacher_adapted", ds["val"])
-            pseudo_label(run, adapted, "teacher_adapted", unl)
-        else:
-            log.info("teacher adaptation disabled: stage 2 uses the zero-shot pseudo-labels")
+        with side_jobs(run, ["teacher_supervised"] if st.teacher_supervised.enabled else []):
+            if st.adapt_1a.enabled:
+                t1a = train_stage(run, "teacher_1a", pretrained_teacher(run, ds, progress), lab,
+                                  None, st.adapt_1a, freeze, progress)
+                evaluate_model(run, t1a, "teacher_1a", ds["val"])
+                pl_1a = pseudo_label(run, t1a, "teacher_1a", unl)
+                adapted = t1a
+                if st.adapt_1b.enabled:
+                    # 1b re-initialises from theta_T0, not from theta_T' (PAPER.md stage 1b).
+                    adapted = train_stage(run, "teacher_adapted",
+                                          pretrained_teacher(run, ds, progress), lab, pl_1a,
+                                          st.adapt_1b, freeze, progress)
+            if adapted is not None:
+                evaluate_model(run, adapted, "teacher_adapted", ds["val"])
+                pseudo_label(run, adapted, "teacher_adapted", unl)
+            else:
+                log.info("teacher adaptation disabled: stage 2 uses the zero-shot pseudo-labels")
+        teacher_supervised(run, progress)  # done by the side process: loads and evaluates
     return _models_summary(run, ["teacher_supervised", "teacher_1a", "teacher_adapted"])
 
 
@@ -76,28 +98,39 @@ def transfer_pseudo_tag(run: Run) -> str:
         else "teacher_zero_shot"
 
 
+def student_supervised(run: Run | str | Path, progress: bool = True) -> dict:
+    """Baseline: the student trained on D_l with L_sup only ("student, supervised" row)."""
+    run = as_run(run)
+    st = run.cfg.stages.student_supervised
+    if st.enabled:
+        ds = load_datasets(run, with_source=student_is_standin(run))
+        m = train_stage(run, "student_supervised", initial_student(run, ds, progress),
+                        ds["labeled"], None, st, run.cfg.student.freeze_encoder, progress)
+        evaluate_model(run, m, "student_supervised", ds["val"])
+    return _models_summary(run, ["student_supervised"])
+
+
 def transfer(run: Run | str | Path, progress: bool = True) -> dict:
     """Stage 2: the frozen teacher's pseudo-labels of D_u; student on L_sup + l_semi L_semi + l_pxl L_pxl.
 
-    Also the supervised-only student baseline.
+    Also the supervised-only student baseline (usually already trained beside the teacher's
+    pretraining, see :func:`zero_shot`). With ``workers >= 2`` the ablations (child runs that
+    re-run stage 2 with other settings) train in a side process beside it.
     """
+    from sskd.stages.ablations import transfer_only_ablations
     run = as_run(run)
     set_threads()
     st = run.cfg.stages
     with StageTimer(run, "transfer"):
-        ds = load_datasets(run)
-        lab, classes = ds["labeled"], ds["labeled"].classes
-        if st.student_supervised.enabled:
-            student = build_from_config(run.cfg.student, classes, run.cfg.seed)
-            m = train_stage(run, "student_supervised", student, lab, None, st.student_supervised,
-                            run.cfg.student.freeze_encoder, progress)
-            evaluate_model(run, m, "student_supervised", ds["val"])
+        student_supervised(run, progress)
         if st.transfer.enabled:
-            pl = load_pseudo_labels(run, transfer_pseudo_tag(run), classes)
-            student = build_from_config(run.cfg.student, classes, run.cfg.seed)
-            m = train_stage(run, "student_transfer", student, lab, pl, st.transfer,
-                            run.cfg.student.freeze_encoder, progress)
-            evaluate_model(run, m, "student_transfer", ds["val"])
+            ds = load_datasets(run, with_source=student_is_standin(run))
+            pl = load_pseudo_labels(run, transfer_pseudo_tag(run), ds["labeled"].classes)
+            with side_jobs(run, ["ablations"] if transfer_only_ablations(run) else []):
+                m = train_stage(run, "student_transfer", initial_student(run, ds, progress),
+                                ds["labeled"], pl, st.transfer, run.cfg.student.freeze_encoder,
+                                progress)
+                evaluate_model(run, m, "student_transfer", ds["val"])
     return _models_summary(run, ["student_supervised", "student_transfer"])
 
 

@@ -1,8 +1,10 @@
 """The stages on the smoke preset: artifacts in the run dir, metrics, skip-when-done, ablations."""
 
 import json
+import logging
 
 import pytest
+import torch
 
 from sskd.metrics import read_metrics
 from sskd.rundir import MODEL_TAGS
@@ -31,6 +33,7 @@ def test_all_stages_write_their_artifacts_and_skip_finished_work(tmp_path):
     for tag, res in m["models"].items():
         assert 0.0 <= res["AP"] <= 100.0 and res["params"] > 0, tag
     assert m["stages"]["teacher_pretrain"]["cached"] is False
+    assert m["stages"]["student_pretrain"]["cached"] is False
     for tag in ("teacher_zero_shot", "teacher_1a", "teacher_adapted"):
         lines = run.dir.pseudo_labels(tag).read_text().splitlines()
         assert [json.loads(l)["image_id"] for l in lines] == [r.image_id for r in ds["unlabeled"]]
@@ -74,7 +77,7 @@ def test_open_run_keeps_and_updates_the_saved_config(tmp_path):
     assert "steps: 7" in run.dir.config.read_text()
 
 
-def test_changed_stage_config_retrains_and_recomputes_predictions(tmp_path):
+def test_changed_stage_config_retrains_and_recomputes_predictions(tmp_path, caplog):
     run = _open(tmp_path, **{"stages.transfer.enabled": False})
     prepare_data(run)
     transfer(run, progress=False)                     # only the supervised student baseline
@@ -85,6 +88,47 @@ def test_changed_stage_config_retrains_and_recomputes_predictions(tmp_path):
     assert (model_file.stat().st_mtime_ns, preds.stat().st_mtime_ns) == first
     changed = open_run("r", runs_root=str(tmp_path / "runs"),
                        overrides={"stages.student_supervised.train.lr": 0.01})
-    transfer(changed, progress=False)                 # new lr: trained and evaluated again
+    with caplog.at_level(logging.INFO, logger="sskd"):
+        transfer(changed, progress=False)             # new lr: trained and evaluated again
+    assert "student_supervised: inputs changed since the last run (stage_config)" in caplog.text
     assert model_file.stat().st_mtime_ns != first[0]
     assert preds.stat().st_mtime_ns != first[1]
+
+
+def test_student_stages_start_from_the_cached_standin_student(tmp_path):
+    from sskd.models.base import load_model
+    from sskd.stages.common import initial_student, student_standin_dir
+    run = _open(tmp_path, **{"stages.transfer.enabled": False,
+                             "stages.student_supervised.train.steps": 1})
+    prepare_data(run)
+    ds = load_datasets(run, with_source=True)
+    transfer(run, progress=False)
+    m = read_metrics(run.dir.metrics)
+    assert m["stages"]["student_pretrain"]["cached"] is False
+    standin = load_model(student_standin_dir(run) / "checkpoints" / "pretrain" / "model")
+    again = initial_student(run, ds, progress=False)        # from the cache, not retrained
+    for (k, a), b in zip(standin.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the baseline moved away from the stand-in (it trained), but started from it: one step of
+    # AdamW at lr 1e-3 moves each weight by at most ~lr, far less than a fresh random init differs
+    trained = load_model(run.dir.model_dir("student_supervised"))
+    w = "class_head.weight"
+    diff = (trained.state_dict()[w] - standin.state_dict()[w]).abs().max().item()
+    assert 0 < diff < 0.01
+
+    off = _open(tmp_path, "off", **{"stages.student_pretrain.steps": 0})
+    prepare_data(off)
+    fresh = initial_student(off, load_datasets(off), progress=False)
+    assert not torch.equal(fresh.state_dict()[w], standin.state_dict()[w])
+    assert "student_pretrain" not in read_metrics(off.dir.metrics)["stages"]
+
+
+def test_the_run_seed_changes_every_stage_sampling_seed(tmp_path):
+    from sskd.config import TrainConfig
+    from sskd.stages.common import run_train_config
+    tc = TrainConfig(seed=3)
+    assert run_train_config(_open(tmp_path, "s0"), tc) is tc     # seed 0: unchanged
+    s1 = run_train_config(_open(tmp_path, "s1", seed=1), tc).seed
+    s2 = run_train_config(_open(tmp_path, "s2", seed=2), tc).seed
+    assert len({3, s1, s2}) == 3
+    assert run_train_config(_open(tmp_path, "s1b", seed=1), tc).seed == s1  # reproducible
