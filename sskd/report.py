@@ -401,7 +401,11 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
         parts += ["## Stage wall time", markdown_table(
             ["stage", "seconds", "note"],
             [[s, fmt(stages[s].get("seconds")), "cached" if stages[s].get("cached") else ""]
-             for s in _ordered(stages, STAGE_ORDER)])]
+             for s in _ordered(stages, STAGE_ORDER)]),
+            "Times overlap: a stage's time includes the stand-in pretraining it triggered, and "
+            "with `workers: 2` independent trainings (stand-in student, baselines, ablations) "
+            "run in a side process during another stage; the executed notebooks in "
+            "`notebooks/` hold each notebook's wall time."]
     if figures:
         parts.append("## Figures")
         parts += [f"![{cap}]({fname})" for cap, fname in figures.items()]
