@@ -262,21 +262,27 @@ def _verdict(holds: bool, diff: float, noise: float = NOISE_AP) -> str:
     return "WITHIN NOISE" if abs(diff) < noise else ("PASS" if holds else "FAIL")
 
 
+def _gain_claim(models: Mapping[str, dict], name: str, better: tuple[str, str],
+                base: tuple[str, str], noise: float) -> Claim:
+    """``AP(better) > AP(base)``; each is (model tag, word used in the detail)."""
+    (bt, bw), (st, sw) = better, base
+    b, s = _ap(models, bt), _ap(models, st)
+    if b is None or s is None:
+        return Claim(name, "SKIPPED", f"not measured: needs {st} and {bt} in metrics.json")
+    return Claim(name, _verdict(b > s, b - s, noise),
+                 f"{bw} {b:.1f} vs {sw} {s:.1f} ({b - s:+.1f} AP)" + _noise(b - s, noise))
+
+
 def check_claims(metrics: Mapping[str, Any], cfg: Config | None = None) -> list[Claim]:
     """The paper's claims, measured on this run (see the module docstring)."""
     models = metrics.get("models", {})
     noise = cfg.evaluation.seed_noise_ap if cfg is not None else NOISE_AP
     claims = []
 
-    za, aa = _ap(models, "teacher_zero_shot"), _ap(models, "teacher_adapted")
-    name = "adaptation helps the teacher: AP(adapted) > AP(zero-shot)"
-    if za is None or aa is None:
-        claims.append(Claim(name, "SKIPPED", "not measured: needs teacher_zero_shot and "
-                                             "teacher_adapted in metrics.json"))
-    else:
-        claims.append(Claim(name, _verdict(aa > za, aa - za, noise),
-                            f"adapted {aa:.1f} vs zero-shot {za:.1f} ({aa - za:+.1f} AP)"
-                            + _noise(aa - za, noise)))
+    aa = _ap(models, "teacher_adapted")
+    claims.append(_gain_claim(models, "adaptation helps the teacher: AP(adapted) > AP(zero-shot)",
+                              ("teacher_adapted", "adapted"), ("teacher_zero_shot", "zero-shot"),
+                              noise))
 
     ra = _ap(models, "student_refined")
     pt, ps = _params(metrics, "teacher_adapted", "teacher"), _params(metrics, "student_refined", "student")
@@ -293,15 +299,9 @@ def check_claims(metrics: Mapping[str, Any], cfg: Config | None = None) -> list[
                             f"{fmt_params(ps)} vs {fmt_params(pt)} ({ratio:.1f}x fewer)"
                             + _noise(ra - aa, noise)))
 
-    su = _ap(models, "student_supervised")
-    name = "distillation helps the student: AP(refined) > AP(supervised only)"
-    if ra is None or su is None:
-        claims.append(Claim(name, "SKIPPED", "not measured: needs student_refined and "
-                                             "student_supervised in metrics.json"))
-    else:
-        claims.append(Claim(name, _verdict(ra > su, ra - su, noise),
-                            f"refined {ra:.1f} vs supervised {su:.1f} ({ra - su:+.1f} AP)"
-                            + _noise(ra - su, noise)))
+    claims.append(_gain_claim(models, "distillation helps the student: AP(refined) > AP(supervised only)",
+                              ("student_refined", "refined"), ("student_supervised", "supervised"),
+                              noise))
 
     claims.append(_fused_vs_uniform(metrics, cfg, noise))
     return claims
