@@ -43,16 +43,23 @@ def zero_shot(run: Run | str | Path, progress: bool = True) -> dict:
     return _models_summary(run, ["teacher_zero_shot"])
 
 
+def _supervised_baseline(run: Run, role: str, progress: bool) -> dict:
+    """``<role>_supervised``: the role's initial model trained on D_l with L_sup only."""
+    tag = f"{role}_supervised"
+    sc = getattr(run.cfg.stages, tag)
+    if sc.enabled:
+        teacher = role == "teacher"
+        ds = load_datasets(run, with_source=is_standin(run) if teacher else student_is_standin(run))
+        init = (pretrained_teacher if teacher else initial_student)(run, ds, progress)
+        m = train_stage(run, tag, init, ds["labeled"], None, sc,
+                        getattr(run.cfg, role).freeze_encoder, progress)
+        evaluate_model(run, m, tag, ds["val"])
+    return _models_summary(run, [tag])
+
+
 def teacher_supervised(run: Run | str | Path, progress: bool = True) -> dict:
     """Baseline: theta_T0 fine-tuned on D_l with L_sup only ("teacher, supervised" row)."""
-    run = as_run(run)
-    st = run.cfg.stages.teacher_supervised
-    if st.enabled:
-        ds = load_datasets(run, with_source=is_standin(run))
-        m = train_stage(run, "teacher_supervised", pretrained_teacher(run, ds, progress),
-                        ds["labeled"], None, st, run.cfg.teacher.freeze_encoder, progress)
-        evaluate_model(run, m, "teacher_supervised", ds["val"])
-    return _models_summary(run, ["teacher_supervised"])
+    return _supervised_baseline(as_run(run), "teacher", progress)
 
 
 def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
@@ -100,14 +107,7 @@ def transfer_pseudo_tag(run: Run) -> str:
 
 def student_supervised(run: Run | str | Path, progress: bool = True) -> dict:
     """Baseline: the student trained on D_l with L_sup only ("student, supervised" row)."""
-    run = as_run(run)
-    st = run.cfg.stages.student_supervised
-    if st.enabled:
-        ds = load_datasets(run, with_source=student_is_standin(run))
-        m = train_stage(run, "student_supervised", initial_student(run, ds, progress),
-                        ds["labeled"], None, st, run.cfg.student.freeze_encoder, progress)
-        evaluate_model(run, m, "student_supervised", ds["val"])
-    return _models_summary(run, ["student_supervised"])
+    return _supervised_baseline(as_run(run), "student", progress)
 
 
 def transfer(run: Run | str | Path, progress: bool = True) -> dict:
