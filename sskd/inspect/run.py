@@ -63,9 +63,9 @@ def export_run_dir(run_dir: str | Path, datasets: Mapping[str, Dataset] | None =
     ``datasets``: ``{"labeled", "unlabeled", "val"}`` Datasets (default: rebuilt with
     ``load_datasets(run_dir)``); unlabeled records may carry held-out ground truth.
     ``views``: evaluate the fields named by the run's ``inspect.view_fields`` (all when empty)
-    and save their bias views; ``embeddings`` covers the same fields plus the ground truth. ``embeddings``: embed images and
-    instances with the teacher and student checkpoints and compute 2-D visualizations
-    (``method``: auto | pca | umap | tsne).
+    and save their bias views. ``embeddings``: embed images, and the instances of the same
+    fields plus the ground truth, with the teacher and student checkpoints and compute 2-D
+    visualizations (``method``: auto | pca | umap | tsne).
     """
     from sskd.models.base import load_model
 

@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sskd.config import ModelConfig, StageConfig, TrainConfig, config_hash, to_dict
@@ -19,7 +20,7 @@ from sskd.metrics import read_metrics, update_metrics
 from sskd.models.base import Segmenter, build_model, load_model
 from sskd.stages.run import Run, log
 
-STANDIN_VERSION = 2  # bump when the stand-in teacher's recipe changes (invalidates caches)
+STANDIN_VERSION = 2  # bump when the stand-ins' recipe changes (invalidates their caches)
 
 
 def build_from_config(mc: ModelConfig, classes: list[str], seed: int = 0) -> Segmenter:
@@ -64,7 +65,6 @@ def run_train_config(run: Run, tc: TrainConfig) -> TrainConfig:
     """
     if not run.cfg.seed:
         return tc
-    import numpy as np
     return dataclasses.replace(
         tc, seed=int(np.random.SeedSequence([run.cfg.seed, tc.seed]).generate_state(1)[0]))
 

@@ -21,30 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
 import traceback
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from sskd.stages.run import Run, as_run, log
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from sskd.stages.run import Run, as_run, cpu_cores, log
 
 
 def _student_pretrain(run: Run) -> None:
     from sskd.stages.common import initial_student
     from sskd.stages.data import load_datasets
     initial_student(run, load_datasets(run, with_source=True), progress=False)
-
-
-def _teacher_pretrain(run: Run) -> None:
-    from sskd.stages.common import pretrained_teacher
-    from sskd.stages.data import load_datasets
-    pretrained_teacher(run, load_datasets(run, with_source=True), progress=False)
 
 
 def _student_supervised(run: Run) -> None:
@@ -64,7 +53,6 @@ def _ablations(run: Run) -> None:
 
 #: side jobs by name; each takes the run and writes its results into the run dir / caches
 JOBS: dict[str, Callable[[Run], None]] = {
-    "teacher_pretrain": _teacher_pretrain,
     "student_pretrain": _student_pretrain,
     "student_supervised": _student_supervised,
     "teacher_supervised": _teacher_supervised,
@@ -87,7 +75,7 @@ def _child(run_dir: str, jobs: list[str], threads: int, conn) -> None:
 
 
 def parallel_enabled(run: Run) -> bool:
-    return run.cfg.workers >= 2 and run.device.type == "cpu" and _cores() >= 2
+    return run.cfg.workers >= 2 and run.device.type == "cpu" and cpu_cores() >= 2
 
 
 @contextlib.contextmanager
@@ -105,7 +93,7 @@ def side_jobs(run: Run, jobs: list[str]) -> Iterator[mp.process.BaseProcess | No
     if not jobs or not parallel_enabled(run):
         yield None
         return
-    threads = max(1, _cores() // 2)
+    threads = max(1, cpu_cores() // 2)
     ctx = mp.get_context("spawn")  # fork would copy the parent's torch thread pools and locks
     parent_conn, child_conn = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(str(Path(run.dir.root).resolve()), jobs, threads,

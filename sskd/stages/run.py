@@ -53,11 +53,15 @@ def open_run(run_name: str, preset: str = "demo", runs_root: str | Path = "runs"
     return Run(rd, cfg)
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_threads() -> None:
     """Use every core for intra-op parallelism (torch defaults may pick fewer in notebooks)."""
-    import os
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+    torch.set_num_threads(max(1, cpu_cores()))
 
 
 def as_run(run: Run | str | Path) -> Run:
