@@ -52,11 +52,17 @@ class SyntheticConfig:
 
     image_size: int = 64              # side of the square images, in pixels
     classes: list[str] = field(default_factory=lambda: ["circle", "rectangle", "triangle"])
-    n_source: int = 600               # images in the source domain (stand-in teacher pretraining)
+    n_source: int = 600               # images of the pretraining corpus (all its domains together)
     n_train: int = 400                # target-domain training images (split labeled/unlabeled)
     n_val: int = 100                  # target-domain validation images
     seed: int = 0                     # generator seed; same seed -> identical images and json
-    source: SyntheticDomainConfig = field(default_factory=SyntheticDomainConfig)
+    # The corpus the stand-ins are pretrained on ("source"). With corpus_backgrounds and
+    # corpus_palettes set it is a broad "foundation corpus": one domain per (background, palette)
+    # pair, each a copy of ``source`` with that background and palette, the target's own pair held
+    # out, image i drawn from domain i mod #domains; [] and [] = the single ``source`` domain.
+    corpus_backgrounds: list = field(default_factory=list)  # backgrounds crossed into the corpus
+    corpus_palettes: list = field(default_factory=list)     # palettes crossed into the corpus
+    source: SyntheticDomainConfig = field(default_factory=SyntheticDomainConfig)  # corpus domain template
     target: SyntheticDomainConfig = field(default_factory=lambda: SyntheticDomainConfig(
         background="clutter", clutter=3, palette="muted", scale_min=0.12, scale_max=0.4,
         noise_std=8.0, occlusion=0.4, aspect_min=0.35, color_jitter=12.0))

@@ -333,9 +333,39 @@ def _rng(seed: int | Sequence[int], index: int) -> np.random.Generator:
     return np.random.default_rng(entropy + [int(index)])
 
 
-def generate_domain(domain_cfg: SyntheticDomainConfig, n: int, image_size: int,
-                    classes: Sequence[str], seed: int | Sequence[int], out_dir: str | Path) -> Path:
+def corpus_domains(cfg: SyntheticConfig) -> list[SyntheticDomainConfig]:
+    """The domains of the stand-ins' pretraining corpus (``source``), in rendering order.
+
+    With ``corpus_backgrounds`` and ``corpus_palettes`` set: every (background, palette) pair
+    except the target's own, each a copy of ``cfg.source`` with that background and palette (a
+    "clutter" background gets at least 2 distractors), so the target is a held-out combination
+    of appearances the corpus has seen separately, as a real target domain is for a VFM.
+    Otherwise the single ``cfg.source`` domain.
+    """
+    if not cfg.corpus_backgrounds and not cfg.corpus_palettes:
+        return [cfg.source]
+    if not cfg.corpus_backgrounds or not cfg.corpus_palettes:
+        raise ConfigError("config keys data.synthetic.corpus_backgrounds and corpus_palettes must "
+                          "both be set (a foundation corpus) or both be [] (one source domain)")
+    held_out = (cfg.target.background, cfg.target.palette)
+    domains = [dataclasses.replace(cfg.source, background=bg, palette=pal,
+                                   clutter=max(cfg.source.clutter, 2) if bg == "clutter"
+                                   else cfg.source.clutter)
+               for bg in cfg.corpus_backgrounds for pal in cfg.corpus_palettes
+               if (bg, pal) != held_out]
+    if not domains:
+        raise ConfigError("data.synthetic.corpus_backgrounds x corpus_palettes holds only the "
+                          "target's own combination: add backgrounds or palettes")
+    return domains
+
+
+def generate_domain(domain_cfg: SyntheticDomainConfig | Sequence[SyntheticDomainConfig], n: int,
+                    image_size: int, classes: Sequence[str], seed: int | Sequence[int],
+                    out_dir: str | Path) -> Path:
     """Render ``n`` images into ``out_dir/images/NNNNNN.png`` and write ``out_dir/annotations.json``.
+
+    ``domain_cfg`` may be a list of domains (a corpus): image ``i`` (1-based) is drawn from
+    ``domain_cfg[(i - 1) % len(domain_cfg)]``.
 
     COCO instance json: image ids ``1..n``, ``file_name`` (``images/NNNNNN.png``) relative to
     ``out_dir`` (the folder holding the json, i.e. the ``image_root`` of a COCO reader),
@@ -344,24 +374,29 @@ def generate_domain(domain_cfg: SyntheticDomainConfig, n: int, image_size: int,
     ``numpy.random.default_rng([*seed, i])``, so it does not depend on ``n``. Returns the json path.
     """
     classes = list(classes)
-    validate_domain(domain_cfg, classes, image_size)
+    domains = [domain_cfg] if isinstance(domain_cfg, SyntheticDomainConfig) else list(domain_cfg)
+    for dom in domains:
+        validate_domain(dom, classes, image_size)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     records, short = [], 0
     for i in range(1, int(n) + 1):
-        img, instances = render_image(domain_cfg, image_size, classes, _rng(seed, i))
-        short += len(instances) < domain_cfg.min_objects
+        dom = domains[(i - 1) % len(domains)]
+        img, instances = render_image(dom, image_size, classes, _rng(seed, i))
+        short += len(instances) < dom.min_objects
         name = f"{i:06d}.png"
         Image.fromarray(img).save(out_dir / "images" / name, format="PNG", compress_level=1)
         records.append(ImageRecord(f"images/{name}", int(image_size), int(image_size), i,
                                    [Instance.from_mask(m, c) for c, m in instances]))
     if short:  # placement gave up (crowded image); counted rather than silently ignored
-        log.warning("%s: %d of %d images have fewer than min_objects=%d instances",
-                    out_dir, short, n, domain_cfg.min_objects)
+        log.warning("%s: %d of %d images have fewer than their domain's min_objects instances",
+                    out_dir, short, n)
     coco = to_coco(Dataset(records, classes, name=out_dir.name))
     coco["info"] = {"description": "sskd synthetic domain", "generator_version": GENERATOR_VERSION,
                     "seed": seed if isinstance(seed, int) else list(seed),
-                    "image_size": int(image_size), "domain": dataclasses.asdict(domain_cfg),
+                    "image_size": int(image_size),
+                    "domain": dataclasses.asdict(domains[0]) if len(domains) == 1
+                    else [dataclasses.asdict(d) for d in domains],
                     "images_below_min_objects": int(short)}
     return write_json_atomic(coco, out_dir / "annotations.json")
 
@@ -386,10 +421,13 @@ def generate_benchmark(cfg: SyntheticConfig, root: str | Path) -> dict[str, Path
     ``COMPLETE.json`` of the current generator version) is reused as is. Otherwise the benchmark
     is built in a private temp dir, the marker is written last, and the dir is renamed into
     place, so a crash or a concurrent run never leaves a half-written benchmark that looks done.
-    Seeds: source ``[seed, 0]``, train ``[seed, 1]``, val ``[seed, 2]``.
+    Seeds: source ``[seed, 0]``, train ``[seed, 1]``, val ``[seed, 2]``. ``source`` is the
+    stand-ins' pretraining corpus (:func:`corpus_domains`: one domain, or many with the target's
+    combination held out).
     """
     for key, dom in (("source", cfg.source), ("target", cfg.target)):
         validate_domain(dom, cfg.classes, cfg.image_size, where=f"data.synthetic.{key}")
+    corpus = corpus_domains(cfg)
     final = benchmark_dir(cfg, root)
     paths = {k: final / k / "annotations.json" for k in ("source", "train", "val")}
     if _is_complete(final):
@@ -398,7 +436,7 @@ def generate_benchmark(cfg: SyntheticConfig, root: str | Path) -> dict[str, Path
         log.info("%s is incomplete or from another generator version: regenerating", final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        parts = (("source", cfg.source, cfg.n_source, 0), ("train", cfg.target, cfg.n_train, 1),
+        parts = (("source", corpus, cfg.n_source, 0), ("train", cfg.target, cfg.n_train, 1),
                  ("val", cfg.target, cfg.n_val, 2))
         for name, dom, n, salt in parts:
             generate_domain(dom, n, cfg.image_size, cfg.classes, [cfg.seed, salt], tmp / name)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,7 +23,7 @@ from sskd.metrics import read_metrics, update_metrics
 from sskd.models.base import Segmenter, build_model, load_model
 from sskd.stages.run import Run, log
 
-STANDIN_VERSION = 2  # bump when the stand-ins' recipe changes (invalidates their caches)
+STANDIN_VERSION = 3  # bump when the stand-ins' recipe changes (invalidates their caches)
 
 
 def build_from_config(mc: ModelConfig, classes: list[str], seed: int = 0) -> Segmenter:
@@ -69,9 +72,19 @@ def run_train_config(run: Run, tc: TrainConfig) -> TrainConfig:
         tc, seed=int(np.random.SeedSequence([run.cfg.seed, tc.seed]).generate_state(1)[0]))
 
 
+def _corpus_key(run: Run) -> dict:
+    """What the stand-ins' pretraining corpus is made of (not the target's splits or sizes)."""
+    from sskd.data.synthetic import GENERATOR_VERSION, corpus_domains
+    syn = run.cfg.data.synthetic
+    return {"generator": GENERATOR_VERSION, "domains": [to_dict(d) for d in corpus_domains(syn)],
+            "n": syn.n_source, "image_size": syn.image_size, "classes": list(syn.classes),
+            "seed": syn.seed}
+
+
 def _standin_dir(run: Run, role: str, mc: ModelConfig, pretrain) -> Path:
-    key = config_hash({"v": STANDIN_VERSION, "seed": run.cfg.seed, role: to_dict(mc),
-                       "synthetic": to_dict(run.cfg.data.synthetic),
+    # Not keyed by the run's ``seed``: like downloaded foundation weights, a second seed of an
+    # experiment re-runs the stages, not the foundation model's pretraining.
+    key = config_hash({"v": STANDIN_VERSION, role: to_dict(mc), "corpus": _corpus_key(run),
                        "input_size": run.cfg.data.input_size, "pretrain": to_dict(pretrain)})
     return run.cache_dir / f"standin_{role}" / key
 
@@ -84,34 +97,68 @@ def student_standin_dir(run: Run) -> Path:
     return _standin_dir(run, "student", run.cfg.student, run.cfg.stages.student_pretrain)
 
 
+@contextlib.contextmanager
+def _cache_entry_lock(root: Path) -> Iterator[None]:
+    """Hold ``root/.lock`` (flock) while a stand-in is pretrained into ``root``.
+
+    A second run that needs the same stand-in waits, saying which PID holds it, then loads
+    the finished weights instead of training them again beside the first.
+    """
+    import fcntl
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            log.info("stand-in %s is being pretrained by PID %s: waiting for it", root,
+                     fh.read().strip() or "?")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _pretrained_standin(run: Run, role: str, mc: ModelConfig, pretrain, root: Path,
                         datasets: dict[str, Dataset], progress: bool) -> Segmenter:
-    """Pretrain ``mc`` on the synthetic source domain once per machine (cached, resumable)."""
+    """Pretrain ``mc`` on the synthetic pretraining corpus once per machine (cached, resumable).
+
+    Seeded by ``pretrain.seed`` only (model init and sampling), never by the run's ``seed``.
+    """
     stage = f"{role}_pretrain"
     paths = TrainPaths.in_dir(root, "pretrain")
-    if not paths.model_dir.is_dir():
-        if "source" not in datasets:
-            raise ValueError(f"stand-in {role} pretraining needs the source domain: "
-                             "call load_datasets(run, with_source=True)")
-        log.info("pretraining the stand-in %s on the source domain -> %s", role, root)
-        model = build_from_config(mc, datasets["labeled"].classes, run.cfg.seed)
-        t0 = time.perf_counter()
-        train(model, datasets["source"], paths, run_train_config(run, pretrain), Objective(),
-              input_size=run.cfg.data.input_size, device=run.device, progress=progress,
-              desc=f"{role} pretrain (source)")
-        update_metrics(run.dir.metrics, "stages", stage,
-                       {"seconds": round(time.perf_counter() - t0, 1), "done": True, "cached": False})
-    elif stage not in read_metrics(run.dir.metrics)["stages"]:
-        update_metrics(run.dir.metrics, "stages", stage,
-                       {"seconds": 0.0, "done": True, "cached": True, "cache": str(root)})
+    with _cache_entry_lock(root):
+        if not paths.model_dir.is_dir():
+            if "source" not in datasets:
+                raise ValueError(f"stand-in {role} pretraining needs the pretraining corpus: "
+                                 "call load_datasets(run, with_source=True)")
+            log.info("pretraining the stand-in %s on the corpus (%d images) -> %s", role,
+                     len(datasets["source"]), root)
+            model = build_from_config(mc, datasets["labeled"].classes, pretrain.seed)
+            t0 = time.perf_counter()
+            train(model, datasets["source"], paths, pretrain, Objective(),
+                  input_size=run.cfg.data.input_size, device=run.device, progress=progress,
+                  desc=f"{role} pretrain (corpus)")
+            update_metrics(run.dir.metrics, "stages", stage,
+                           {"seconds": round(time.perf_counter() - t0, 1), "done": True,
+                            "cached": False})
+        elif stage not in read_metrics(run.dir.metrics)["stages"]:
+            update_metrics(run.dir.metrics, "stages", stage,
+                           {"seconds": 0.0, "done": True, "cached": True, "cache": str(root)})
     return load_model(paths.model_dir)
 
 
 def pretrained_teacher(run: Run, datasets: dict[str, Dataset], progress: bool = True) -> Segmenter:
     """theta_T0: the foundation teacher before adaptation.
 
-    Offline default: the stand-in, pretrained by the kit on the synthetic source domain and
-    cached by config hash (built once per machine; a killed pretraining resumes).
+    Offline default: the stand-in, pretrained by the kit on the synthetic foundation corpus
+    (``data.synthetic.corpus_*``; the target's appearance held out) and cached by config hash,
+    independently of the run's seed (built once per machine; a killed pretraining resumes).
     """
     if not is_standin(run):
         return build_from_config(run.cfg.teacher, datasets["labeled"].classes, run.cfg.seed)
@@ -122,16 +169,24 @@ def pretrained_teacher(run: Run, datasets: dict[str, Dataset], progress: bool = 
 def initial_student(run: Run, datasets: dict[str, Dataset], progress: bool = True) -> Segmenter:
     """The student every student stage starts from (the same init for baseline and stage 2).
 
-    PAPER.md's student starts from DINOv2-S weights (``student.weights``); offline, with
-    ``stages.student_pretrain.steps > 0``, a stand-in pretrained on the synthetic source domain
-    (cached like the stand-in teacher). The whole stand-in is kept, not only its encoder: a
-    decoder trained from scratch does not learn within the demo's CPU budget (measured: encoder-
-    only init 5.1 AP vs whole-model init 8.7 AP after a few hundred steps on 50 target labels).
+    As the paper's student starts from DINOv2-S features (``student.weights``), only the
+    encoder carries pretrained knowledge: offline, with ``stages.student_pretrain.steps > 0``,
+    the encoder of a stand-in student pretrained on the foundation corpus (cached like the
+    stand-in teacher, seed-independent). Neck, decoder and projection heads are initialised
+    from the run's ``seed``, as the paper trains them from scratch.
     """
+    student = build_from_config(run.cfg.student, datasets["labeled"].classes, run.cfg.seed)
     if not student_is_standin(run):
-        return build_from_config(run.cfg.student, datasets["labeled"].classes, run.cfg.seed)
-    return _pretrained_standin(run, "student", run.cfg.student, run.cfg.stages.student_pretrain,
-                               student_standin_dir(run), datasets, progress)
+        return student
+    standin = _pretrained_standin(run, "student", run.cfg.student, run.cfg.stages.student_pretrain,
+                                  student_standin_dir(run), datasets, progress)
+    encoder = {k: v for k, v in standin.state_dict().items() if student.is_encoder_parameter(k)}
+    if not encoder:
+        raise RuntimeError(f"the stand-in student in {student_standin_dir(run)} has no encoder "
+                           "parameters: delete that cache dir to pretrain it again")
+    missing, unexpected = student.load_state_dict(encoder, strict=False)
+    assert not unexpected and not any(student.is_encoder_parameter(k) for k in missing)
+    return student
 
 
 def fingerprint(*parts: object) -> str:

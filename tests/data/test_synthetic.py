@@ -227,7 +227,7 @@ def test_generate_domain_same_bytes_in_another_process(tmp_path):
 
 
 def _tiny_cfg(**kw) -> SyntheticConfig:
-    return SyntheticConfig(image_size=32, n_source=4, n_train=5, n_val=3, **kw)
+    return SyntheticConfig(**{"image_size": 32, "n_source": 4, "n_train": 5, "n_val": 3, **kw})
 
 
 def test_generate_benchmark_layout_and_cache(tmp_path, monkeypatch):
@@ -283,3 +283,37 @@ def test_generated_json_reads_back_with_the_kit_coco_reader(tmp_path):
         assert Path(rec.file_name).is_file()
         assert [i.class_id for i in rec.instances] == [k for k, _ in insts]
         assert all(np.array_equal(i.mask().astype(bool), m) for i, (_, m) in zip(rec.instances, insts))
+
+
+def test_the_foundation_corpus_holds_out_the_targets_appearance(tmp_path):
+    from sskd.data.synthetic import corpus_domains
+    cfg = _tiny_cfg(n_source=6, corpus_backgrounds=["flat", "noise", "clutter"],
+                    corpus_palettes=["primary", "pastel"])
+    cfg.target.background, cfg.target.palette = "noise", "pastel"
+    doms = corpus_domains(cfg)
+    pairs = [(d.background, d.palette) for d in doms]
+    assert pairs == [("flat", "primary"), ("flat", "pastel"), ("noise", "primary"),
+                     ("clutter", "primary"), ("clutter", "pastel")]
+    assert [d.clutter for d in doms] == [0, 0, 0, 2, 2]     # a clutter background needs blobs
+    assert all(d.scale_min == cfg.source.scale_min for d in doms)
+    info = json.loads(generate_benchmark(cfg, tmp_path)["source"].read_text())["info"]
+    assert [(d["background"], d["palette"]) for d in info["domain"]] == pairs
+    # image i is drawn from domain (i - 1) mod 5: image 6 is from the first domain again
+    assert corpus_domains(_tiny_cfg()) == [_tiny_cfg().source]        # no corpus: one domain
+    with pytest.raises(ConfigError, match="corpus_backgrounds and corpus_palettes"):
+        corpus_domains(_tiny_cfg(corpus_backgrounds=["flat"]))
+    only = _tiny_cfg(corpus_backgrounds=["noise"], corpus_palettes=["pastel"])
+    only.target.background, only.target.palette = "noise", "pastel"
+    with pytest.raises(ConfigError, match="only the target's own combination"):
+        corpus_domains(only)
+
+
+def test_corpus_images_follow_their_domains(tmp_path):
+    from sskd.data.synthetic import generate_domain
+    dark = SyntheticConfig().source
+    dark = dataclasses.replace(dark, palette="pastel")
+    light = SyntheticConfig().source
+    path = generate_domain([light, dark], 4, 32, ["circle", "rectangle"], 3, tmp_path)
+    means = [np.asarray(Image.open(path.parent / f"images/{i:06d}.png")).mean() for i in (1, 2, 3, 4)]
+    # primary backgrounds are near-white, pastel backgrounds are dark grey
+    assert means[0] > 180 and means[2] > 180 and means[1] < 150 and means[3] < 150

@@ -95,9 +95,11 @@ def test_changed_stage_config_retrains_and_recomputes_predictions(tmp_path, capl
     assert preds.stat().st_mtime_ns != first[1]
 
 
-def test_student_stages_start_from_the_cached_standin_student(tmp_path):
+def test_student_stages_start_from_the_encoder_of_the_cached_standin_student(tmp_path):
+    """Paper-like student start: only the encoder is pretrained; neck, decoder and heads are
+    initialised from the run's seed; baseline and stage 2 share that init."""
     from sskd.models.base import load_model
-    from sskd.stages.common import initial_student, student_standin_dir
+    from sskd.stages.common import build_from_config, initial_student, student_standin_dir
     run = _open(tmp_path, **{"stages.transfer.enabled": False,
                              "stages.student_supervised.train.steps": 1})
     prepare_data(run)
@@ -107,20 +109,72 @@ def test_student_stages_start_from_the_cached_standin_student(tmp_path):
     assert m["stages"]["student_pretrain"]["cached"] is False
     standin = load_model(student_standin_dir(run) / "checkpoints" / "pretrain" / "model")
     again = initial_student(run, ds, progress=False)        # from the cache, not retrained
-    for (k, a), b in zip(standin.state_dict().items(), again.state_dict().values()):
-        assert torch.equal(a, b), k
-    # the baseline moved away from the stand-in (it trained), but started from it: one step of
-    # AdamW at lr 1e-3 moves each weight by at most ~lr, far less than a fresh random init differs
+    enc = [k for k in standin.state_dict() if again.is_encoder_parameter(k)]
+    rest = [k for k in standin.state_dict() if not again.is_encoder_parameter(k)
+            and standin.state_dict()[k].is_floating_point() and standin.state_dict()[k].numel() > 1]
+    assert enc and rest
+    for k in enc:
+        assert torch.equal(standin.state_dict()[k], again.state_dict()[k]), k
+    fresh = build_from_config(run.cfg.student, ds["labeled"].classes, run.cfg.seed)
+    for k in rest:                                          # from the run's seed, not the stand-in
+        assert torch.equal(fresh.state_dict()[k], again.state_dict()[k]), k
+    assert not all(torch.equal(standin.state_dict()[k], again.state_dict()[k]) for k in rest)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                initial_student(run, ds, False).state_dict().values()))
+    # the baseline started from that init: one AdamW step moves a weight by at most ~lr
     trained = load_model(run.dir.model_dir("student_supervised"))
     w = "class_head.weight"
-    diff = (trained.state_dict()[w] - standin.state_dict()[w]).abs().max().item()
+    diff = (trained.state_dict()[w] - again.state_dict()[w]).abs().max().item()
     assert 0 < diff < 0.01
+
+    # another seed: same (seed-independent) stand-in encoder, other neck/decoder/heads
+    s1 = _open(tmp_path, "s1", seed=1)
+    assert student_standin_dir(s1) == student_standin_dir(run)
+    prepare_data(s1)
+    other = initial_student(s1, load_datasets(s1, with_source=True), progress=False)
+    assert torch.equal(other.state_dict()[enc[0]], again.state_dict()[enc[0]])
+    assert not torch.equal(other.state_dict()[w], again.state_dict()[w])
 
     off = _open(tmp_path, "off", **{"stages.student_pretrain.steps": 0})
     prepare_data(off)
     fresh = initial_student(off, load_datasets(off), progress=False)
-    assert not torch.equal(fresh.state_dict()[w], standin.state_dict()[w])
+    assert not torch.equal(fresh.state_dict()[enc[0]], standin.state_dict()[enc[0]])
     assert "student_pretrain" not in read_metrics(off.dir.metrics)["stages"]
+
+
+def test_the_standin_teacher_does_not_depend_on_the_run_seed(tmp_path):
+    from sskd.stages.common import standin_dir
+    a, b = _open(tmp_path, "a"), _open(tmp_path, "b", seed=7)
+    assert standin_dir(a) == standin_dir(b)
+    # but on what it is pretrained on and how
+    c = _open(tmp_path, "c", **{"stages.teacher_pretrain.steps": 5})
+    d = _open(tmp_path, "d", **{"data.synthetic.corpus_palettes": ["primary", "dark"],
+                                "data.synthetic.corpus_backgrounds": ["flat", "noise"]})
+    assert len({standin_dir(a), standin_dir(c), standin_dir(d)}) == 3
+
+
+def test_a_second_process_waits_for_a_standin_being_pretrained(tmp_path):
+    import multiprocessing as mp
+    import time
+    from sskd.stages.common import _cache_entry_lock
+    root = tmp_path / "entry"
+    ctx = mp.get_context("spawn")
+    with _cache_entry_lock(root):
+        assert (root / ".lock").read_text() == str(__import__("os").getpid())
+        child = ctx.Process(target=_hold_lock, args=(str(root), str(tmp_path / "got")))
+        child.start()
+        time.sleep(1.5)
+        assert not (tmp_path / "got").exists()      # blocked while we hold it
+    child.join(30)
+    assert child.exitcode == 0 and (tmp_path / "got").read_text() == str(child.pid)
+
+
+def _hold_lock(root, out):
+    import os
+    from pathlib import Path
+    from sskd.stages.common import _cache_entry_lock
+    with _cache_entry_lock(Path(root)):
+        Path(out).write_text(str(os.getpid()))
 
 
 def test_the_run_seed_changes_every_stage_sampling_seed(tmp_path):
