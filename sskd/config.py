@@ -44,6 +44,11 @@ class SyntheticDomainConfig:
     color_jitter: float = 0.0         # per-instance uniform RGB jitter of palette colours, 0..255 units
     min_visible_fraction: float = 0.25  # drop an instance whose visible part is below this share of it
     min_visible_pixels: int = 12      # drop an instance with fewer visible pixels than this
+    # Unlabelled look-alikes: objects of these shapes (not among the classes), painted in object
+    # colours before the instances and never annotated, as a target dataset's label convention
+    # may leave out things a foundation model detects
+    distractor_shapes: list = field(default_factory=list)
+    distractors: int = 0              # such unlabelled objects per image
 
 
 @dataclass
@@ -173,10 +178,11 @@ def _stage(l_semi: float, l_pxl: float, enabled: bool = True) -> Any:
 class StagesConfig:
     """The three stages of PAPER.md plus the supervised-only baselines."""
 
-    teacher_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))  # stand-in teacher on the source domain
+    teacher_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))  # stand-in teacher on the corpus (``data.synthetic.source``/``corpus_*``); seed-independent
     # Stand-in for the student's foundation backbone (DINOv2-S in PAPER.md): with steps > 0 and
-    # the synthetic benchmark, the student is pretrained on the source domain (cached like the
-    # stand-in teacher) and every student stage starts from it; 0 = random init / student.weights.
+    # the synthetic benchmark, a student is pretrained on the corpus (cached like the stand-in
+    # teacher, seed-independent) and every student stage starts from its *encoder* (neck,
+    # decoder and heads from the run's seed); 0 = random init / student.weights.
     student_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0))
     adapt_1a: StageConfig = _stage(0.0, 0.1)        # teacher on D_l with L_pxl
     adapt_1b: StageConfig = _stage(1.0, 0.1)        # teacher re-init, D_l + pseudo D_u + L_pxl

@@ -98,6 +98,12 @@ def validate_domain(cfg: SyntheticDomainConfig, classes: Sequence[str], image_si
     if not 0 <= cfg.min_objects <= cfg.max_objects or cfg.max_objects < 1:
         raise bad("min_objects", f"need 0 <= min_objects <= max_objects, max_objects >= 1, got "
                                  f"{cfg.min_objects}, {cfg.max_objects}")
+    if cfg.distractors < 0 or (cfg.distractors and not cfg.distractor_shapes):
+        raise bad("distractors", "must be >= 0, and > 0 only with distractor_shapes set")
+    wrong = [d for d in cfg.distractor_shapes if d not in SHAPES or d in classes]
+    if wrong:
+        raise bad("distractor_shapes", f"{wrong}: each must be a shape of {list(SHAPES)} that is "
+                                       f"not one of the classes {list(classes)}")
     if not 0 <= cfg.min_visible_fraction < 1 or cfg.min_visible_pixels < 1:
         raise bad("min_visible_fraction", "need 0 <= min_visible_fraction < 1 and "
                                           "min_visible_pixels >= 1")
@@ -257,6 +263,18 @@ def render_image(domain_cfg: SyntheticDomainConfig, image_size: int, classes: Se
     img = np.ascontiguousarray(_background(cfg, size, rng, bg_colors))
     if cfg.clutter:
         _draw_clutter(img, cfg.clutter, cfg, rng, obj_colors)
+    for _ in range(cfg.distractors):  # unlabelled look-alikes, under any instance drawn later
+        kind = cfg.distractor_shapes[int(rng.integers(len(cfg.distractor_shapes)))]
+        radius, geom = _shape_geometry(kind, rng.uniform(cfg.scale_min, cfg.scale_max) * size,
+                                       rng.uniform(cfg.aspect_min, 1.0))
+        cx, cy = rng.uniform(0.6 * radius, max(size - 0.6 * radius, 0.6 * radius + 1e-3), 2)
+        out = _rasterize(geom, cx, cy, rng.uniform(0, 2 * np.pi), radius, size)
+        if out is not None:
+            ys, xs, m = out
+            color = obj_colors[int(rng.integers(len(obj_colors)))]
+            if cfg.color_jitter:
+                color = np.clip(color + rng.uniform(-cfg.color_jitter, cfg.color_jitter, 3), 0, 255)
+            img[ys, xs][m] = color
 
     label = np.full((size, size), -1, dtype=np.int16)  # index of the visible instance per pixel
     full_area: list[int] = []       # in-image pixels of each instance when nothing covers it

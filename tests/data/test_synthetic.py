@@ -317,3 +317,31 @@ def test_corpus_images_follow_their_domains(tmp_path):
     means = [np.asarray(Image.open(path.parent / f"images/{i:06d}.png")).mean() for i in (1, 2, 3, 4)]
     # primary backgrounds are near-white, pastel backgrounds are dark grey
     assert means[0] > 180 and means[2] > 180 and means[1] < 150 and means[3] < 150
+
+
+def test_distractors_are_painted_but_never_annotated():
+    from sskd.config import SyntheticDomainConfig
+    from sskd.data.synthetic import render_image, validate_domain
+    classes = ["circle", "rectangle", "triangle"]
+    dom = SyntheticDomainConfig(background="flat", distractors=3, distractor_shapes=["star", "cross"],
+                                min_objects=1, max_objects=1, occlusion=0.0)
+    plain = dataclasses.replace(dom, distractors=0)
+    painted = 0
+    for i in range(8):
+        img, inst = render_image(dom, 64, classes, _rng(5, i))
+        bg = np.asarray(PALETTES["primary"]["background"], dtype=np.float32)
+        is_bg = (np.abs(img[..., None, :].astype(np.float32) - bg).sum(-1) < 1).any(-1)
+        masked = np.zeros_like(is_bg)
+        for _, m in inst:
+            masked |= m
+        painted += int((~is_bg & ~masked).sum())          # object-coloured, but in no mask
+        assert len(inst) == 1
+    assert painted > 8 * 30
+    for i in range(4):                                    # without distractors: none of that
+        img, inst = render_image(plain, 64, classes, _rng(5, i))
+        is_bg = (np.abs(img[..., None, :].astype(np.float32) - bg).sum(-1) < 1).any(-1)
+        assert not (~is_bg & ~inst[0][1]).any()
+    with pytest.raises(ConfigError, match="distractor_shapes"):
+        validate_domain(dataclasses.replace(dom, distractor_shapes=["circle"]), classes, 64)
+    with pytest.raises(ConfigError, match="distractors"):
+        validate_domain(dataclasses.replace(dom, distractor_shapes=[]), classes, 64)
