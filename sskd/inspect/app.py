@@ -7,10 +7,13 @@ exports the run when its dataset does not exist yet.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import quote
@@ -71,7 +74,7 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
     from fiftyone.core import context as focx
 
     dataset = _dataset_for(run, export)
-    target = dataset.load_saved_view(view) if view else None
+    target = open_view(dataset, view) if view else None
     reuse = _SESSION is not None and port in (None, _SESSION.server_port) \
         and address == _SESSION.server_address
     if reuse:
@@ -92,12 +95,22 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
     if wait is None:
         wait = not focx.is_notebook_context()
     if wait:
-        print(f"FiftyOne App: {url}  (Ctrl-C to stop)", flush=True)
+        # SIGTERM (kill, a service manager) ends the wait like Ctrl-C, so the cleanup runs
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
+            print(f"FiftyOne App: {url}  (view: {view or 'whole dataset'}; Ctrl-C to stop)",
+                  flush=True)
             session.wait(-1)
         except KeyboardInterrupt:
             pass
+        finally:
+            shutdown_app()
+            signal.signal(signal.SIGTERM, previous)
     return session
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def close_app() -> None:
@@ -106,6 +119,75 @@ def close_app() -> None:
     if _SESSION is not None:
         _SESSION.close()
         _SESSION = None
+    # FiftyOne keeps each port's server service alive until interpreter shutdown; stopping it
+    # closes the service's stdin, upon which it terminates the server process
+    services = getattr(sys.modules.get("fiftyone.core.session.session"), "_server_services", {})
+    for port in list(services):
+        try:
+            services.pop(port).stop()
+        except Exception as e:  # noqa: BLE001 - a dead service has nothing left to stop
+            log.debug("App server service on port %s: %s", port, e)
+
+
+def shutdown_app(timeout: float = 15.0) -> None:
+    """End of ``sskd app``: stop every process this process started for the App.
+
+    Closes the session and its server service, and FiftyOne's database service when this
+    process started it (FiftyOne's service then stops its mongod unless another process still
+    uses it). Then any child process still alive after ``timeout`` s (the App server) is
+    terminated, then killed. A database service still serving other processes is left up
+    (FiftyOne's service stops it, and its mongod, once its last client has gone).
+    """
+    import psutil
+
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    shared_db = set()
+    for p in children:
+        try:
+            if "--51-service" in p.cmdline() and "db" in p.cmdline():
+                shared_db |= {p.pid} | {c.pid for c in p.children(recursive=True)}
+        except psutil.Error:
+            continue
+    close_app()
+    fodb = sys.modules.get("fiftyone.core.odm.database")
+    if fodb is not None and getattr(fodb, "_db_service", None) is not None:
+        fodb._disconnect()
+        fodb._db_service.stop()   # "this process left"; the service exits when it was the last
+        fodb._db_service = None
+    psutil.wait_procs([p for p in children if p.pid in shared_db], timeout=3)
+    _, leftover = psutil.wait_procs([p for p in children if p.pid not in shared_db],
+                                    timeout=timeout)
+    for p in leftover:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(leftover, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    if leftover:
+        log.info("stopped %d App process(es) that outlived the session: %s", len(leftover),
+                 [p.pid for p in leftover])
+
+
+def open_view(dataset, name: str):
+    """Saved view ``name`` with only the label fields it is about (see ``view_label_fields``)."""
+    from sskd.inspect.views import view_label_fields
+
+    if not dataset.has_saved_view(name):
+        raise ValueError(f"dataset {dataset.name!r} has no saved view {name!r}; saved views: "
+                         f"{dataset.list_saved_views()} (`sskd app RUN --list-views`)")
+    view = dataset.load_saved_view(name)
+    schema = view.get_field_schema()
+    fields = [f for f in view_label_fields(name) if f in schema]
+    return view.select_fields(fields) if fields else view
+
+
+def default_view(run: str | Path, export: bool = True) -> str | None:
+    """The saved view ``sskd app RUN`` opens by default (``views.main_view``), or None."""
+    from sskd.inspect.views import main_view
+
+    return main_view(_dataset_for(run, export).list_saved_views())
 
 
 def show(run: str | Path, view: str | None = None, height: int = 700):
@@ -113,10 +195,10 @@ def show(run: str | Path, view: str | None = None, height: int = 700):
     return launch_app(run, view=view, wait=False, auto=True, height=height)
 
 
-def saved_views(run: str | Path) -> list[dict]:
+def saved_views(run: str | Path, export: bool = False) -> list[dict]:
     """``[{"view", "question", "count"}]`` of a run's saved views (a table for batch notebooks)."""
     ensure_database()
-    dataset = _dataset_for(run, export=False)
+    dataset = _dataset_for(run, export=export)
     stored = dataset.info.get("sskd", {}).get("views", {})
     return [{"view": name, "question": meta.get("question", ""), "count": meta.get("count")}
             for name, meta in stored.items()]
