@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -107,12 +109,26 @@ def cmd_app(args: argparse.Namespace) -> int:
         return 2
     from sskd.inspect.database import DatabaseError
     try:
-        from sskd.inspect import app as app_mod
+        app_mod = importlib.import_module("sskd.inspect.app")
         if args.list_views:
             _print_views(app_mod.saved_views(run_dir, export=True))
             return 0
         view = args.view or app_mod.default_view(run_dir)
-        app_mod.launch_app(run_dir, view=view, port=args.port, wait=True)
+        # SIGTERM ends `sskd app` like Ctrl-C: launch_app's wait then stops the App's processes
+        previous = signal.signal(signal.SIGTERM, app_mod.interrupt)
+        try:
+            app_mod.launch_app(run_dir, view=view, port=args.port, wait=True)
+        except KeyboardInterrupt:   # stopped while the App server was still starting
+            return 130
+        except Exception as e:
+            if type(e).__name__ != "ServiceListenTimeout":
+                raise
+            print(f"sskd app: the FiftyOne App server did not start in time ({e}); the "
+                  "machine may be busy: try again", file=sys.stderr)
+            return 2
+        finally:
+            app_mod.shutdown_app()   # also after a failed start (no-op after a clean stop)
+            signal.signal(signal.SIGTERM, previous)
     except ValueError as e:  # unknown view, or a run that cannot be exported
         print(f"sskd app: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -96,7 +97,8 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
         wait = not focx.is_notebook_context()
     if wait:
         # SIGTERM (kill, a service manager) ends the wait like Ctrl-C, so the cleanup runs
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        main = threading.current_thread() is threading.main_thread()  # signals: main only
+        previous = signal.signal(signal.SIGTERM, interrupt) if main else None
         try:
             print(f"FiftyOne App: {url}  (view: {view or 'whole dataset'}; Ctrl-C to stop)",
                   flush=True)
@@ -105,11 +107,13 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
             pass
         finally:
             shutdown_app()
-            signal.signal(signal.SIGTERM, previous)
+            if main:
+                signal.signal(signal.SIGTERM, previous)
     return session
 
 
-def _interrupt(signum, frame) -> None:
+def interrupt(signum, frame) -> None:
+    """Signal handler: turn SIGTERM into the KeyboardInterrupt that Ctrl-C raises."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -130,34 +134,26 @@ def close_app() -> None:
 
 
 def shutdown_app(timeout: float = 15.0) -> None:
-    """End of ``sskd app``: stop every process this process started for the App.
+    """End of ``sskd app``: stop every process that FiftyOne started for this process's App.
 
-    Closes the session and its server service, and FiftyOne's database service when this
-    process started it (FiftyOne's service then stops its mongod unless another process still
-    uses it). Then any child process still alive after ``timeout`` s (the App server) is
-    terminated, then killed. A database service still serving other processes is left up
-    (FiftyOne's service stops it, and its mongod, once its last client has gone).
+    Those are FiftyOne's service processes (``service/main.py --51-service server|db``, this
+    process's children) and what they run. Closes the session and its server service, and
+    FiftyOne's database service when this process started it (the service then stops its
+    mongod unless another process still uses it). A server process still alive after
+    ``timeout`` s is terminated, then killed. A database service still serving other processes
+    is left up (it stops once its last client has gone); no other child process is touched.
     """
     import psutil
 
-    me = psutil.Process()
-    children = me.children(recursive=True)
-    shared_db = set()
-    for p in children:
-        try:
-            if "--51-service" in p.cmdline() and "db" in p.cmdline():
-                shared_db |= {p.pid} | {c.pid for c in p.children(recursive=True)}
-        except psutil.Error:
-            continue
+    server, database = _service_trees(psutil.Process())
     close_app()
     fodb = sys.modules.get("fiftyone.core.odm.database")
     if fodb is not None and getattr(fodb, "_db_service", None) is not None:
         fodb._disconnect()
         fodb._db_service.stop()   # "this process left"; the service exits when it was the last
         fodb._db_service = None
-    psutil.wait_procs([p for p in children if p.pid in shared_db], timeout=3)
-    _, leftover = psutil.wait_procs([p for p in children if p.pid not in shared_db],
-                                    timeout=timeout)
+    psutil.wait_procs(database, timeout=3)
+    _, leftover = psutil.wait_procs(server, timeout=timeout)
     for p in leftover:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -166,21 +162,43 @@ def shutdown_app(timeout: float = 15.0) -> None:
         with contextlib.suppress(psutil.Error):
             p.kill()
     if leftover:
-        log.info("stopped %d App process(es) that outlived the session: %s", len(leftover),
-                 [p.pid for p in leftover])
+        log.info("stopped %d App server process(es) that outlived the session: %s",
+                 len(leftover), [p.pid for p in leftover])
+
+
+def _service_trees(me) -> tuple[list, list]:
+    """(server, database): FiftyOne service children of ``me`` with all their descendants."""
+    import psutil
+
+    trees: dict[str, list] = {"server": [], "db": []}
+    for child in me.children():
+        try:
+            cmd = child.cmdline()
+            if "--51-service" not in cmd:
+                continue
+            kind = cmd[cmd.index("--51-service") + 1]
+            trees.setdefault(kind, []).extend([child, *child.children(recursive=True)])
+        except (psutil.Error, IndexError):
+            continue
+    return trees["server"], trees["db"]
 
 
 def open_view(dataset, name: str):
     """Saved view ``name`` with only the label fields it is about (see ``view_label_fields``)."""
+    from sskd.inspect.fiftyone_export import describe_field
     from sskd.inspect.views import view_label_fields
 
     if not dataset.has_saved_view(name):
         raise ValueError(f"dataset {dataset.name!r} has no saved view {name!r}; saved views: "
                          f"{dataset.list_saved_views()} (`sskd app RUN --list-views`)")
     view = dataset.load_saved_view(name)
-    schema = view.get_field_schema()
-    fields = [f for f in view_label_fields(name) if f in schema]
-    return view.select_fields(fields) if fields else view
+    keep = view_label_fields(name)
+    if not keep:
+        return view
+    # drop the other models' label fields only: a patches view needs its own fields (type, iou)
+    others = [f for f in view.get_field_schema()
+              if describe_field(f)["kind"] in ("pseudo_labels", "predictions") and f not in keep]
+    return view.exclude_fields(others) if others else view
 
 
 def default_view(run: str | Path, export: bool = True) -> str | None:
