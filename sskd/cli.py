@@ -2,14 +2,18 @@
 
     sskd run [--preset P] [--name N] [-f params.yaml] [-p key value]... [--from STAGE]
              [--only STAGE] [--force] [--runs-root DIR] [--notebooks-dir DIR] [--dry-run]
-    sskd app RUN            open a run in the FiftyOne app (RUN: run name or run dir)
+    sskd app RUN [--view NAME | --list-views] [--port N]
+                            open a run in the FiftyOne app (RUN: run name or run dir), on its
+                            main pseudo-label bias view unless --view names another
     sskd presets            list the shipped presets
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     app = sub.add_parser("app", help="open a run in the FiftyOne app")
     app.add_argument("run", help="run name (under --runs-root) or path of a run dir")
     app.add_argument("--runs-root", default="runs", help="parent dir of run dirs")
+    app.add_argument("--view", default=None,
+                     help="saved view to open, with only the label fields it is about "
+                          "(default: the run's main bias view; see --list-views)")
+    app.add_argument("--list-views", action="store_true",
+                     help="print the run's saved views (name, size, question) and exit")
+    app.add_argument("--port", type=int, default=None, help="App port (default: a free one)")
 
     sub.add_parser("presets", help="list the shipped config presets")
     return parser
@@ -99,8 +109,29 @@ def cmd_app(args: argparse.Namespace) -> int:
         return 2
     from sskd.inspect.database import DatabaseError
     try:
-        from sskd.inspect.app import launch_app
-        launch_app(run_dir)
+        app_mod = importlib.import_module("sskd.inspect.app")
+        if args.list_views:
+            _print_views(app_mod.saved_views(run_dir, export=True))
+            return 0
+        view = args.view or app_mod.default_view(run_dir)
+        # SIGTERM ends `sskd app` like Ctrl-C: launch_app's wait then stops the App's processes
+        previous = signal.signal(signal.SIGTERM, app_mod.interrupt)
+        try:
+            app_mod.launch_app(run_dir, view=view, port=args.port, wait=True)
+        except KeyboardInterrupt:   # stopped while the App server was still starting
+            return 130
+        except Exception as e:
+            if type(e).__name__ != "ServiceListenTimeout":
+                raise
+            print(f"sskd app: the FiftyOne App server did not start in time ({e}); the "
+                  "machine may be busy: try again", file=sys.stderr)
+            return 2
+        finally:
+            app_mod.shutdown_app()   # also after a failed start (no-op after a clean stop)
+            signal.signal(signal.SIGTERM, previous)
+    except ValueError as e:  # unknown view, or a run that cannot be exported
+        print(f"sskd app: {e}", file=sys.stderr)
+        return 2
     except ImportError as e:  # fiftyone not installed
         print(f"sskd app: the FiftyOne app is unavailable ({e}); install the pinned fiftyone "
               "(`make install`)", file=sys.stderr)
@@ -109,6 +140,23 @@ def cmd_app(args: argparse.Namespace) -> int:
         print(f"sskd app: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_views(views: list[dict]) -> None:
+    """One line per saved view; ``*`` marks the one ``sskd app RUN`` opens by default."""
+    from sskd.inspect.views import main_view
+
+    if not views:
+        print("no saved views: the run's dataset was exported without views "
+              "(sskd.inspect.run.export_run_dir(run_dir, views=True))")
+        return
+    default = main_view([v["view"] for v in views])
+    width = max(len(v["view"]) for v in views)
+    for v in views:
+        mark = "*" if v["view"] == default else " "
+        print(f"{mark} {v['view']:{width}s} {v['count'] if v['count'] is not None else '?':>6}  "
+              f"{v['question']}")
+    print("(* = opened by default; open another with --view NAME)")
 
 
 def cmd_presets(_: argparse.Namespace) -> int:

@@ -210,7 +210,7 @@ class Config:
     runs_root: str = "runs"           # parent of all run dirs
     preset: str = ""                  # preset this config came from (informational)
     seed: int = 0                     # global seed: model init, and every stage's sampling together with its train.seed
-    device: str = "auto"              # "auto" (cuda if available) | "cpu" | "cuda"
+    device: str = "auto"              # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     cache_dir: str = ""               # stand-in teacher cache ("" = ~/.cache/sskd)
     # 2: on a CPU with >= 2 cores, independent trainings (stand-in student, supervised baselines,
     # ablations) run in a second process beside the stage's own, one core each (a second thread
@@ -376,20 +376,12 @@ def load_config(preset: str = "demo", overrides: Mapping | list[str] | None = No
 
 
 def validate(cfg: Config) -> None:
-    if not 0 < cfg.data.labeled_fraction <= 1:
-        raise ConfigError(f"data.labeled_fraction must be in (0, 1], got {cfg.data.labeled_fraction}")
-    if cfg.pixel_contrast.sampler not in ("fused", "uniform", "mask_only", "class_only"):
-        raise ConfigError(f"pixel_contrast.sampler must be fused|uniform|mask_only|class_only, "
-                          f"got {cfg.pixel_contrast.sampler!r}")
-    if cfg.pixel_contrast.candidates not in ("batch", "other_images"):
-        raise ConfigError(f"pixel_contrast.candidates must be batch|other_images, "
-                          f"got {cfg.pixel_contrast.candidates!r}")
-    if cfg.data.kind not in ("synthetic", "coco", "cityscapes", "ade20k"):
-        raise ConfigError(f"data.kind must be synthetic|coco|cityscapes|ade20k, got {cfg.data.kind!r}")
-    if cfg.pixel_contrast.temperature <= 0:
-        raise ConfigError("pixel_contrast.temperature must be > 0")
-    if cfg.workers < 1:
-        raise ConfigError(f"workers must be >= 1 (1 = no side process), got {cfg.workers}")
+    """Raise :class:`ConfigError` listing every out-of-range or unknown value (see
+    :mod:`sskd.config_checks`), each as ``key = value: must be <allowed>``."""
+    from sskd.config_checks import problems
+    errors = problems(cfg)
+    if errors:
+        raise ConfigError("invalid config value(s):\n  " + "\n  ".join(errors))
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
@@ -402,7 +394,17 @@ def read_config(path: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: run the data stage (notebook 00 or "
                           "`sskd run`) first to create the run dir")
-    return from_dict(yaml.safe_load(path.read_text()) or {})
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML ({e}); fix it, or delete the run dir and "
+                          "start the run again") from e
+    try:
+        cfg = from_dict(data)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}\nFix the value(s) in that file") from e
+    return cfg
 
 
 def config_hash(obj: Any) -> str:

@@ -11,7 +11,6 @@ Layout::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,9 @@ def read_metrics(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         return {"models": {}, "stages": {}, "ablations": {}}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it and re-run the stages "
-                         "(it is rebuilt from their outputs)") from e
+    from sskd.safe_load import load_json
+    data = load_json(path, "delete it and re-run the stages (`sskd run --force`): it is rebuilt "
+                           "from their outputs, trained models are reused")
     for key in ("models", "stages", "ablations"):
         data.setdefault(key, {})
     return data

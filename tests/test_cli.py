@@ -108,12 +108,15 @@ def test_app_launches_the_run_dir_lazily(tmp_path, monkeypatch, capsys):
     assert cli.main(["app", "r", "--runs-root", str(tmp_path / "runs")]) == 2
     assert "no run dir" in capsys.readouterr().err
     (run_dir / "config.yaml").write_text("run_name: r\n")
-    seen = []
-    monkeypatch.setitem(sys.modules, "sskd.inspect.app",
-                        types.SimpleNamespace(launch_app=lambda d: seen.append(d)))
+    seen, stopped = [], []
+    monkeypatch.setitem(sys.modules, "sskd.inspect.app", types.SimpleNamespace(
+        launch_app=lambda d, view, port, wait: seen.append((d, view, port, wait)),
+        default_view=lambda d: "fp_pl_teacher_adapted", interrupt=lambda *a: None,
+        shutdown_app=lambda: stopped.append(1)))
     assert cli.main(["app", "r", "--runs-root", str(tmp_path / "runs")]) == 0
-    assert cli.main(["app", str(run_dir)]) == 0
-    assert seen == [run_dir, run_dir]
+    assert cli.main(["app", str(run_dir), "--view", "fn_x", "--port", "5151"]) == 0
+    assert seen == [(run_dir, "fp_pl_teacher_adapted", None, True), (run_dir, "fn_x", 5151, True)]
+    assert stopped == [1, 1]   # every exit path stops the App's processes
     monkeypatch.setitem(sys.modules, "sskd.inspect.app", None)  # import fails
     assert cli.main(["app", str(run_dir)]) == 2
     assert "FiftyOne app is unavailable" in capsys.readouterr().err

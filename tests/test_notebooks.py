@@ -80,7 +80,8 @@ def test_all_notebooks_execute_on_smoke(tmp_path, mongod):
     assert [e.get("name", e.get("model")) for e in metrics["efficiency"]
             if not e.get("is_ratio")] == ["teacher", "student"]
     import fiftyone as fo
-    exported = fo.load_dataset("sskd-smoke")
+    from sskd.inspect.fiftyone_export import dataset_name_for
+    exported = fo.load_dataset(dataset_name_for(run))
     assert len(exported) == 6 + 16  # val + labeled + unlabeled
     assert "pred_student_refined" in exported.get_field_schema()
     report = (run / "report" / "report.md").read_text()

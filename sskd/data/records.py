@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -228,7 +229,7 @@ def write_records_jsonl(records: Iterable[ImageRecord], path: str | Path) -> Pat
     """Write records one per line, atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
         for r in records:
             f.write(json.dumps(r.to_dict()) + "\n")
@@ -237,19 +238,23 @@ def write_records_jsonl(records: Iterable[ImageRecord], path: str | Path) -> Pat
 
 
 def iter_records_jsonl(path: str | Path) -> Iterator[ImageRecord]:
-    """Stream records from a JSON-lines file; a truncated last line (crash) is ignored."""
+    """Stream records from a JSON-lines file written by :func:`write_records_jsonl` or
+    :func:`sskd.engine.inference.predict_to_jsonl` (both atomic: a finished file is whole).
+
+    Any unreadable line, the last one included (a truncated copy), raises ``CorruptFileError``
+    naming the file, the line and the fix: silently dropping it would lose an image's labels.
+    """
+    from sskd.safe_load import CorruptFileError
     path = Path(path)
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
+    fix = ("delete it and re-run the stage that writes it (pseudo_labels/<tag>.jsonl and "
+           "predictions/<tag>.jsonl are recomputed from that stage's model)")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8").strip()
+                if not line:
+                    continue
                 yield ImageRecord.from_dict(json.loads(line))
-            except json.JSONDecodeError as e:
-                # Only the final line can be partial (a killed writer); anything else is corrupt.
-                rest = f.read()
-                if rest.strip():
-                    raise ValueError(f"{path}:{lineno}: malformed JSON line ({e}); "
-                                     "the file is corrupt, delete it to recompute") from e
-                return
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CorruptFileError(path, f"line {lineno} is not a record: "
+                                             f"{type(e).__name__}: {e}", fix) from e

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -113,10 +114,7 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
 
     start = 0
     if paths.state.is_file():
-        state = torch.load(paths.state, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
+        start = _load_state(paths.state, model, optimizer, device)
     if rank == 0:
         _truncate_log(paths.log, start)
 
@@ -230,19 +228,38 @@ def _pixel_loss(model: Segmenter, out: SegmenterOutput, strong: torch.Tensor, ta
 
 
 def _save_state(path: Path, model: Segmenter, optimizer, step: int) -> None:
+    """Model, optimizer and step: tensors and plain values only, so it loads with
+    ``weights_only=True`` (every random draw is seeded by (seed, step): no RNG state needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
     tmp.replace(path)
+
+
+def _load_state(path: Path, model: Segmenter, optimizer, device: torch.device) -> int:
+    """Restore a :func:`_save_state` checkpoint (tensors only); returns its step."""
+    from sskd.safe_load import CorruptFileError, load_torch
+    fix = (f"delete {path} to restart this training from step 0 (the checkpoint only saves "
+           "time; the results do not depend on it)")
+    state = load_torch(path, fix, map_location=device, keys=("model", "optimizer", "step"))
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CorruptFileError(path, f"it does not fit this model/optimizer: "
+                                     f"{str(e).splitlines()[0]}", fix) from e
 
 
 def save_model_atomic(model: Segmenter, directory: Path) -> Path:
     """Save into a sibling temp dir, then rename: a crash never leaves a half-written model."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save(tmp)
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        model.save(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
         shutil.rmtree(directory)
     tmp.replace(directory)

@@ -7,11 +7,15 @@ exports the run when its dataset does not exist yet.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -71,7 +75,7 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
     from fiftyone.core import context as focx
 
     dataset = _dataset_for(run, export)
-    target = dataset.load_saved_view(view) if view else None
+    target = open_view(dataset, view) if view else None
     reuse = _SESSION is not None and port in (None, _SESSION.server_port) \
         and address == _SESSION.server_address
     if reuse:
@@ -92,12 +96,25 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
     if wait is None:
         wait = not focx.is_notebook_context()
     if wait:
-        print(f"FiftyOne App: {url}  (Ctrl-C to stop)", flush=True)
+        # SIGTERM (kill, a service manager) ends the wait like Ctrl-C, so the cleanup runs
+        main = threading.current_thread() is threading.main_thread()  # signals: main only
+        previous = signal.signal(signal.SIGTERM, interrupt) if main else None
         try:
+            print(f"FiftyOne App: {url}  (view: {view or 'whole dataset'}; Ctrl-C to stop)",
+                  flush=True)
             session.wait(-1)
         except KeyboardInterrupt:
             pass
+        finally:
+            shutdown_app()
+            if main:
+                signal.signal(signal.SIGTERM, previous)
     return session
+
+
+def interrupt(signum, frame) -> None:
+    """Signal handler: turn SIGTERM into the KeyboardInterrupt that Ctrl-C raises."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def close_app() -> None:
@@ -106,6 +123,89 @@ def close_app() -> None:
     if _SESSION is not None:
         _SESSION.close()
         _SESSION = None
+    # FiftyOne keeps each port's server service alive until interpreter shutdown; stopping it
+    # closes the service's stdin, upon which it terminates the server process
+    services = getattr(sys.modules.get("fiftyone.core.session.session"), "_server_services", {})
+    for port in list(services):
+        try:
+            services.pop(port).stop()
+        except Exception as e:  # noqa: BLE001 - a dead service has nothing left to stop
+            log.debug("App server service on port %s: %s", port, e)
+
+
+def shutdown_app(timeout: float = 15.0) -> None:
+    """End of ``sskd app``: stop every process that FiftyOne started for this process's App.
+
+    Those are FiftyOne's service processes (``service/main.py --51-service server|db``, this
+    process's children) and what they run. Closes the session and its server service, and
+    FiftyOne's database service when this process started it (the service then stops its
+    mongod unless another process still uses it). A server process still alive after
+    ``timeout`` s is terminated, then killed. A database service still serving other processes
+    is left up (it stops once its last client has gone); no other child process is touched.
+    """
+    import psutil
+
+    server, database = _service_trees(psutil.Process())
+    close_app()
+    fodb = sys.modules.get("fiftyone.core.odm.database")
+    if fodb is not None and getattr(fodb, "_db_service", None) is not None:
+        fodb._disconnect()
+        fodb._db_service.stop()   # "this process left"; the service exits when it was the last
+        fodb._db_service = None
+    psutil.wait_procs(database, timeout=3)
+    _, leftover = psutil.wait_procs(server, timeout=timeout)
+    for p in leftover:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(leftover, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    if leftover:
+        log.info("stopped %d App server process(es) that outlived the session: %s",
+                 len(leftover), [p.pid for p in leftover])
+
+
+def _service_trees(me) -> tuple[list, list]:
+    """(server, database): FiftyOne service children of ``me`` with all their descendants."""
+    import psutil
+
+    trees: dict[str, list] = {"server": [], "db": []}
+    for child in me.children():
+        try:
+            cmd = child.cmdline()
+            if "--51-service" not in cmd:
+                continue
+            kind = cmd[cmd.index("--51-service") + 1]
+            trees.setdefault(kind, []).extend([child, *child.children(recursive=True)])
+        except (psutil.Error, IndexError):
+            continue
+    return trees["server"], trees["db"]
+
+
+def open_view(dataset, name: str):
+    """Saved view ``name`` with only the label fields it is about (see ``view_label_fields``)."""
+    from sskd.inspect.fiftyone_export import describe_field
+    from sskd.inspect.views import view_label_fields
+
+    if not dataset.has_saved_view(name):
+        raise ValueError(f"dataset {dataset.name!r} has no saved view {name!r}; saved views: "
+                         f"{dataset.list_saved_views()} (`sskd app RUN --list-views`)")
+    view = dataset.load_saved_view(name)
+    keep = view_label_fields(name)
+    if not keep:
+        return view
+    # drop the other models' label fields only: a patches view needs its own fields (type, iou)
+    others = [f for f in view.get_field_schema()
+              if describe_field(f)["kind"] in ("pseudo_labels", "predictions") and f not in keep]
+    return view.exclude_fields(others) if others else view
+
+
+def default_view(run: str | Path, export: bool = True) -> str | None:
+    """The saved view ``sskd app RUN`` opens by default (``views.main_view``), or None."""
+    from sskd.inspect.views import main_view
+
+    return main_view(_dataset_for(run, export).list_saved_views())
 
 
 def show(run: str | Path, view: str | None = None, height: int = 700):
@@ -113,10 +213,10 @@ def show(run: str | Path, view: str | None = None, height: int = 700):
     return launch_app(run, view=view, wait=False, auto=True, height=height)
 
 
-def saved_views(run: str | Path) -> list[dict]:
+def saved_views(run: str | Path, export: bool = False) -> list[dict]:
     """``[{"view", "question", "count"}]`` of a run's saved views (a table for batch notebooks)."""
     ensure_database()
-    dataset = _dataset_for(run, export=False)
+    dataset = _dataset_for(run, export=export)
     stored = dataset.info.get("sskd", {}).get("views", {})
     return [{"view": name, "question": meta.get("question", ""), "count": meta.get("count")}
             for name, meta in stored.items()]

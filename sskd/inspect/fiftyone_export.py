@@ -18,6 +18,7 @@ Import this module only after :func:`sskd.inspect.database.ensure_database` (it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -52,8 +53,15 @@ STAGE_TAG_PREFIX = "stage:"
 
 
 def dataset_name_for(run_dir: str | Path) -> str:
-    """The FiftyOne dataset name of a run: ``sskd-<run name>``."""
-    return f"sskd-{RunDir(run_dir).name}"
+    """The FiftyOne dataset name of a run: ``sskd-<run name>-<8 hex digits>``.
+
+    The digits hash the run dir's resolved absolute path: two run roots that each hold a run
+    called ``demo`` get two datasets (FiftyOne names are global to the database). Everything
+    that finds a run's dataset (``sskd app``, the notebooks, :mod:`sskd.inspect.run`) calls this.
+    """
+    root = Path(RunDir(run_dir).root).expanduser().resolve()
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return f"sskd-{root.name}-{digest}"
 
 
 def field_for(kind: str, tag: str) -> str:
@@ -289,7 +297,8 @@ def export_run(run_dir: str | Path, gt: Dataset, unlabeled: Dataset | None,
             ds.set_values(field, per_path, key_field="filepath")
 
     if isinstance(metrics, (str, Path)):
-        metrics = json.loads(Path(metrics).read_text()) if Path(metrics).is_file() else None
+        from sskd.metrics import read_metrics
+        metrics = read_metrics(metrics) if Path(metrics).is_file() else None
     info.update({"run_dir": str(Path(run_dir).resolve()), "classes": classes,
                  "splits": {k: len(v) for k, v in splits.items()},
                  "fields": {f: {**describe_field(f), "source": sources[f],

@@ -240,6 +240,33 @@ def default_pairs(dataset: fo.Dataset) -> list[tuple[str, str]]:
 
 # --------------------------------------------------------------------------- saved views
 
+# Prefixes of the saved views about one label field (``<prefix><field>``).
+FIELD_VIEW_PREFIXES = ("fp_", "fn_", "lowconf_", "highconf_", "mistaken_")
+# The App's default view (``sskd app RUN``): the first saved one of these, else the first
+# ``fp_pl_*`` view: the adapted teacher's confident false pseudo-labels are the bias that
+# stage 2 distils into the student.
+MAIN_VIEWS = ("fp_pl_teacher_adapted", "mistaken_pl_teacher_adapted", "fp_pl_teacher_1a",
+              "fp_pl_teacher_zero_shot")
+
+
+def view_label_fields(view_name: str, gt_field: str = GT_FIELD) -> list[str]:
+    """The label fields a saved view is about: ``fp_<f>`` -> ``[f, ground_truth]``,
+    ``disagree_<a>_vs_<b>`` -> ``[a, b, ground_truth]``; ``[]`` for an unknown name."""
+    if view_name.startswith("disagree_") and "_vs_" in view_name:
+        a, b = view_name[len("disagree_"):].split("_vs_", 1)
+        return [a, b, gt_field]
+    for prefix in FIELD_VIEW_PREFIXES:
+        if view_name.startswith(prefix):
+            return [view_name[len(prefix):], gt_field]
+    return []
+
+
+def main_view(names: Iterable[str]) -> str | None:
+    """The default bias view among saved view ``names`` (see :data:`MAIN_VIEWS`), or None."""
+    names = list(names)
+    return next((v for v in MAIN_VIEWS if v in names), None) or \
+        next((v for v in names if v.startswith("fp_pl_")), None) or (names[0] if names else None)
+
 
 def _save(dataset: fo.Dataset, name: str, view: fo.DatasetView, question: str,
           out: dict) -> None:

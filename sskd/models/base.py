@@ -13,6 +13,8 @@ Tensor conventions:
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,11 +149,13 @@ class Segmenter(nn.Module, ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"name": self.registry_name, "config": self.config}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"   # concurrent savers never share one
+        tmp = directory / f".{WEIGHTS_FILE}.{unique}"
         torch.save(self.state_dict(), tmp)
         tmp.replace(directory / WEIGHTS_FILE)
-        (directory / (CONFIG_FILE + ".tmp")).write_text(json.dumps(meta, indent=2))
-        (directory / (CONFIG_FILE + ".tmp")).replace(directory / CONFIG_FILE)
+        tmp = directory / f".{CONFIG_FILE}.{unique}"
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(directory / CONFIG_FILE)
         return directory
 
 
@@ -248,14 +252,22 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise FileNotFoundError(f"model dir {directory} lacks {missing}; expected {CONFIG_FILE} "
                                 f"and {WEIGHTS_FILE} as written by Segmenter.save()")
-    meta = json.loads(cfg_path.read_text())
-    config = dict(meta["config"])
+    from sskd.safe_load import CorruptFileError, load_json, load_torch
+    fix = (f"delete {directory} and re-run the stage that trains it (a stand-in in the cache "
+           "is pretrained again)")
+    meta = load_json(cfg_path, fix)
+    config = meta.get("config")
+    if not isinstance(meta.get("name"), str) or not isinstance(config, dict) \
+            or "num_classes" not in config:
+        raise CorruptFileError(cfg_path, "needs 'name' and 'config' with 'num_classes', as "
+                                         "Segmenter.save() writes", fix)
+    config = dict(config)
     num_classes = config.pop("num_classes")
     model = build_model(meta["name"], num_classes=num_classes, **config)
-    state = torch.load(w_path, map_location=map_location, weights_only=True)
+    state = load_torch(w_path, fix, map_location=map_location)
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise RuntimeError(f"weights in {w_path} do not match model {meta['name']!r} built from "
-                           f"{cfg_path}: {e}") from e
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CorruptFileError(w_path, f"its weights do not match model {meta['name']!r} built "
+                                       f"from {cfg_path.name}: {str(e).splitlines()[0]}", fix) from e
     return model

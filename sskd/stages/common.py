@@ -214,6 +214,14 @@ def _invalidate(run: Run, stage: str) -> None:
             q.unlink(missing_ok=True)
 
 
+def _read_fingerprint(fp_file: Path, stage: str) -> dict:
+    """A stage's ``fingerprint.json`` (``{}`` when absent); a corrupt one names the fix."""
+    if not fp_file.is_file():
+        return {}
+    from sskd.safe_load import load_json
+    return load_json(fp_file, f"delete {fp_file.parent} to train stage {stage} again")
+
+
 def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
                 unlabeled: Dataset | None, sc: StageConfig, freeze_encoder: bool = False,
                 progress: bool = True) -> Segmenter:
@@ -231,7 +239,7 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
              "labeled": labeled, "pseudo_labeled": unlabeled or []}
     part_fps = {k: fingerprint(v) for k, v in parts.items()}
     fp = fingerprint(part_fps)
-    saved = json.loads(fp_file.read_text()) if fp_file.is_file() else {}
+    saved = _read_fingerprint(fp_file, stage)
     old = saved.get("fingerprint")
     if old == fp and paths.model_dir.is_dir():
         log.info("%s: already trained with these inputs, loading %s", stage, paths.model_dir)

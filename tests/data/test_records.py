@@ -8,6 +8,7 @@ import pytest
 from sskd.data.records import (Dataset, ImageRecord, Instance, decode_mask, encode_mask,
                                iter_records_jsonl, mask_area, mask_bbox, polygons_to_rle,
                                to_coco, write_json_atomic, write_records_jsonl)
+from sskd.safe_load import CorruptFileError
 
 
 def _random_mask(rng, h=23, w=31):
@@ -116,13 +117,15 @@ def test_jsonl_round_trip(tmp_path):
     assert not (tmp_path / "r.jsonl.tmp").exists()
 
 
-def test_jsonl_truncated_last_line_is_tolerated(tmp_path):
+def test_jsonl_truncated_last_line_is_an_error(tmp_path):
+    # finished jsonl files are written atomically, so a torn last line means a damaged copy:
+    # dropping it silently would lose an image's labels
     ds = _dataset()
     p = write_records_jsonl(ds.records, tmp_path / "r.jsonl")
     text = p.read_text()
-    p.write_text(text[: len(text) - 25])  # a writer killed mid-line
-    back = list(iter_records_jsonl(p))
-    assert [r.image_id for r in back] == [10, 11]
+    p.write_text(text[: len(text) - 25])
+    with pytest.raises(CorruptFileError, match=r"r\.jsonl is corrupt .*line 3 .*re-run the stage"):
+        list(iter_records_jsonl(p))
 
 
 def test_jsonl_corrupt_middle_line_raises(tmp_path):
@@ -131,7 +134,7 @@ def test_jsonl_corrupt_middle_line_raises(tmp_path):
     lines = p.read_text().splitlines()
     lines[1] = lines[1][:30]
     p.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"r\.jsonl:2: malformed JSON line"):
+    with pytest.raises(ValueError, match=r"r\.jsonl is corrupt or unreadable \(line 2 "):
         list(iter_records_jsonl(p))
 
 

@@ -136,7 +136,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert rc == -signal.SIGKILL
     paths = TrainPaths.in_dir(killed, "s")
     assert paths.state.is_file() and not paths.model_dir.exists()
-    assert torch.load(paths.state, weights_only=False)["step"] == 3
+    assert torch.load(paths.state, weights_only=True)["step"] == 3
     assert _run_script(tmp_path, killed, kill_at=-1) == 0     # resume from step 3
     assert _run_script(tmp_path, clean, kill_at=-1) == 0      # uninterrupted reference
     a = load_model(paths.model_dir).state_dict()

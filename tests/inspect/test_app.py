@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from sskd.inspect import app
+from sskd.inspect.database import free_port
 
 
 def _listening(port: int) -> bool:
@@ -58,3 +67,101 @@ def test_unknown_run_or_unexported_run_is_a_clear_error(mongod, smoke_run, tmp_p
 def test_visible_text_strips_markup():
     html = "<html><style>.a{b:c}</style><body><p>10 <b>samples</b></p><script>x()</script></body>"
     assert app.visible_text(html) == "10 samples"
+
+
+# --------------------------------------------------------------------------- views and `sskd app`
+
+
+def test_views_know_their_label_fields_and_the_main_view(mongod):
+    from sskd.inspect.views import main_view, view_label_fields
+
+    assert view_label_fields("fp_pl_teacher_adapted") == ["pl_teacher_adapted", "ground_truth"]
+    assert view_label_fields("mistaken_pl_teacher_1a") == ["pl_teacher_1a", "ground_truth"]
+    assert view_label_fields("disagree_pred_teacher_adapted_vs_pred_student_refined") == [
+        "pred_teacher_adapted", "pred_student_refined", "ground_truth"]
+    assert view_label_fields("my_own_view") == []
+    assert main_view(["fn_pl_x", "fp_pl_teacher_zero_shot", "fp_pl_teacher_adapted"]) == \
+        "fp_pl_teacher_adapted"
+    assert main_view(["fn_pl_x", "fp_pl_other"]) == "fp_pl_other"
+    assert main_view(["fn_pl_x"]) == "fn_pl_x" and main_view([]) is None
+
+
+def test_open_view_shows_only_the_fields_it_is_about(exported, smoke_run):
+    view = app.open_view(exported, "fp_pl_teacher_zero_shot")
+    labels = {f for f in view.get_field_schema() if f.startswith(("pl_", "pred_", "ground"))}
+    assert labels == {"pl_teacher_zero_shot", "ground_truth"}   # not all of the run's fields
+    assert len(view) == 2 and set(view.values("type")) == {"fp"}
+    assert app.default_view(smoke_run.root) == "fp_pl_teacher_adapted"
+    with pytest.raises(ValueError, match=r"no saved view 'fp_nope'.*--list-views"):
+        app.open_view(exported, "fp_nope")
+
+
+def test_sskd_app_list_views_and_unknown_view(exported, smoke_run, capsys):
+    from sskd.cli import main
+
+    assert main(["app", str(smoke_run.root), "--list-views"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    default = [ln for ln in out if ln.startswith("*")]
+    assert len(default) == 1 and "fp_pl_teacher_adapted" in default[0]
+    assert "Which pl_teacher_adapted instances match no ground truth" in default[0]
+    names = {ln[2:].split()[0] for ln in out if ln[:1] in ("*", " ") and ln.strip()}
+    assert names == set(exported.list_saved_views())
+    assert main(["app", str(smoke_run.root), "--view", "fp_nope"]) == 2
+    assert "no saved view 'fp_nope'" in capsys.readouterr().err
+
+
+def _read_until(proc, text: str, timeout: float) -> list[str]:
+    """Lines of ``proc``'s stdout up to the first holding ``text`` (fails after ``timeout``)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            seen.append(lines.get(timeout=1))
+        except queue.Empty:
+            assert proc.poll() is None, f"sskd app exited early: {''.join(seen)}"
+            continue
+        if text in seen[-1]:
+            return seen
+    raise AssertionError(f"no {text!r} from sskd app within {timeout} s: {''.join(seen)}")
+
+
+def _gone(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_sskd_app_stops_every_process_it_started(exported, smoke_run, sig):
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    for attempt in range(3):   # FiftyOne gives its server 60 s to start: a busy CPU can miss it
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "sskd", "app", str(smoke_run.root),
+                                 "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            lines = _read_until(proc, "FiftyOne App:", timeout=240)
+            break
+        except AssertionError as e:
+            if "did not start in time" not in str(e) or attempt == 2:
+                raise
+    try:
+        assert "view: fp_pl_teacher_adapted" in lines[-1]   # the main bias view by default
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children and _listening(port)   # the App server runs in a child process
+        proc.send_signal(sig)
+        assert proc.wait(timeout=90) == 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(_gone(c) for c in children):
+            time.sleep(0.2)
+        assert [c.pid for c in children if not _gone(c)] == [], "App processes outlived sskd app"
+        assert not _listening(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

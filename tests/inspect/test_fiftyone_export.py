@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ def fx(mongod):
 
 def test_export_counts_fields_splits_and_tags(exported, smoke_run, fx, kit):
     ds = exported
-    assert ds.name == "sskd-smoke" and ds.persistent
+    assert ds.name == fx.dataset_name_for(smoke_run.root) and ds.persistent
+    assert re.fullmatch(r"sskd-smoke-[0-9a-f]{8}", ds.name)
     assert len(ds) == smoke_run.n_images == 10
     assert fx.split_counts(ds) == {"val": 4, "labeled": 2, "unlabeled": 4}
     assert fx.field_counts(ds) == {
