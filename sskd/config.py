@@ -87,7 +87,12 @@ class ModelConfig:
     name: str = "mask2former"         # registry name (see ``sskd.models.list_models()``)
     size: str = "tiny"                # size preset of that model ("tiny", "demo", "paper", ...)
     weights: str = ""                 # local dir (or hub id when online) of pretrained weights
-    freeze_encoder: bool = False      # keep encoder weights fixed when this model is trained
+    # Parts trained in every stage of this role: "default" (the family's documented choice),
+    # "all", or part names, combinable (e.g. [default, image_encoder]); docs/method.md, "What trains"
+    trainable: list = field(default_factory=lambda: ["default"])
+    # teacher only: on non-synthetic data, run even though the teacher has no pretrained weights
+    # (its "zero-shot" pseudo-labels are then noise); see sskd.stages.checks
+    allow_random_init: bool = False
     options: dict = field(default_factory=dict)  # extra builder keyword arguments
 
 
@@ -226,9 +231,24 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _legacy_model_keys(data: Mapping, path: str) -> dict:
+    """``freeze_encoder`` (replaced by ``trainable``): false, the old default found in every
+    saved config, is dropped; true is an error that says what to write instead."""
+    data = dict(data)
+    if data.pop("freeze_encoder", False):
+        raise ConfigError(
+            f"config key {path}freeze_encoder was replaced by {path}trainable, the list of parts "
+            f"that train: for mask2former write {path}trainable: [neck, pixel_decoder, decoder, "
+            "class_head, projection_head] (all but the encoder); see docs/method.md, "
+            "'What trains', for every family's parts")
+    return data
+
+
 def _from_dict(cls: type, data: Mapping, path: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config key {path or '<root>'!r} must be a mapping, got {data!r}")
+    if cls is ModelConfig:
+        data = _legacy_model_keys(data, path)
     hints = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     defaults = cls()
@@ -378,6 +398,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("pixel_contrast.temperature must be > 0")
     if cfg.workers < 1:
         raise ConfigError(f"workers must be >= 1 (1 = no side process), got {cfg.workers}")
+    for role in ("teacher", "student"):
+        sel = getattr(cfg, role).trainable
+        if not sel or not all(isinstance(x, str) and x for x in sel):
+            raise ConfigError(f"{role}.trainable must be a non-empty list of part names, "
+                              f"'default' or 'all', got {sel!r} (docs/method.md, 'What trains')")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "patch_size": 14,               # ViT patch size in px; input H, W must be multiples of it
     "encoder_image_size": 518,      # image size the position embeddings are stored for (518: HF DINOv2)
     "out_layers": [2, 5, 8, 11],    # ViT blocks (0-based) reassembled into strides 4/8/16/32
-    "freeze_encoder": False,        # True: encoder weights fixed and run without autograd
+    "trainable": ["default"],       # parts that train (Segmenter.set_trainable; default: all)
     "encoder_weights": "",          # local HF Dinov2 dir or hub id to load into the encoder ("" = random)
     # -- DPT neck --
     "neck_channels": [48, 96, 192, 384],  # channels of the reassembled stride 4/8/16/32 maps
