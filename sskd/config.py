@@ -117,7 +117,7 @@ class TrainConfig:
 
 @dataclass
 class PixelContrastConfig:
-    """The instance-aware pixel-wise contrastive loss L_pxl (PAPER.md)."""
+    """The instance-aware pixel-wise contrastive loss L_pxl (docs/method.md)."""
 
     temperature: float = 0.07         # NT-Xent temperature T (final value when annealed)
     temperature_start: float = 0.0    # >0: anneal linearly from this to ``temperature``
@@ -125,7 +125,7 @@ class PixelContrastConfig:
     num_negatives: int = 200          # R negatives per anchor, drawn without replacement
     sampler: str = "fused"            # "fused" | "uniform" | "mask_only" | "class_only"
     # Where negatives come from: "batch" (every other pixel of the batch, the anchor's own image
-    # included) or "other_images" (PAPER.md's impl. note). With "other_images" no negative can
+    # included) or "other_images" (the authors' implementation). With "other_images" no negative can
     # lie in the anchor's instance, so FNR is 0 by construction and the debiasing only acts
     # across images; "batch" is the setting where instance-aware sampling matters.
     candidates: str = "batch"
@@ -149,7 +149,7 @@ class EvaluationConfig:
     max_instances: int = 100          # COCO's maxDets: at most this many per image
     mask_threshold: float = 0.5       # binarise mask probabilities at this value
     # AP difference below which the report calls a claim WITHIN NOISE: one short CPU run's
-    # seed-to-seed spread (CPU-TRAINING-NOTES.md: 3-4 AP); measure yours with
+    # seed-to-seed spread (docs/method.md, 'Training on a CPU': 3-4 AP); measure yours with
     # benchmarks/seed_noise.py
     seed_noise_ap: float = 3.5
 
@@ -170,10 +170,10 @@ def _stage(l_semi: float, l_pxl: float, enabled: bool = True) -> Any:
 
 @dataclass
 class StagesConfig:
-    """The three stages of PAPER.md plus the supervised-only baselines."""
+    """The three stages of the method (docs/method.md) plus the supervised-only baselines."""
 
     teacher_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))  # stand-in teacher on the source domain
-    # Stand-in for the student's foundation backbone (DINOv2-S in PAPER.md): with steps > 0 and
+    # Stand-in for the student's foundation backbone (DINOv2-S in the paper): with steps > 0 and
     # the synthetic benchmark, the student is pretrained on the source domain (cached like the
     # stand-in teacher) and every student stage starts from it; 0 = random init / student.weights.
     student_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0))

@@ -116,7 +116,7 @@ def pretrained_teacher(run: Run, datasets: dict[str, Dataset], progress: bool = 
 def initial_student(run: Run, datasets: dict[str, Dataset], progress: bool = True) -> Segmenter:
     """The student every student stage starts from (the same init for baseline and stage 2).
 
-    PAPER.md's student starts from DINOv2-S weights (``student.weights``); offline, with
+    The paper's student starts from DINOv2-S weights (``student.weights``); offline, with
     ``stages.student_pretrain.steps > 0``, a stand-in pretrained on the synthetic source domain
     (cached like the stand-in teacher). The whole stand-in is kept, not only its encoder: a
     decoder trained from scratch does not learn within the demo's CPU budget (measured: encoder-

@@ -1,4 +1,4 @@
-"""The three stages of PAPER.md (plus zero-shot labelling and the supervised baselines).
+"""The three stages of the method, docs/method.md (plus zero-shot labelling and the supervised baselines).
 
 Each stage is a function of the run (dir + config) that reads its inputs from the run dir,
 writes its outputs there atomically, records metrics, and skips work already done, so any
@@ -91,7 +91,7 @@ def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
                 pl_1a = pseudo_label(run, t1a, "teacher_1a", unl)
                 adapted = t1a
                 if st.adapt_1b.enabled:
-                    # 1b re-initialises from theta_T0, not from theta_T' (PAPER.md stage 1b).
+                    # 1b re-initialises from theta_T0, not from theta_T' (docs/method.md, stage 1b).
                     adapted = train_stage(run, "teacher_adapted",
                                           pretrained_teacher(run, ds, progress), lab, pl_1a,
                                           st.adapt_1b, parts, progress)

@@ -139,3 +139,16 @@ def test_the_stages_stop_before_anything_trains(tmp_path, trained):
             stage(run, progress=False)
     assert trained == {}
     assert not run.dir.metrics.is_file() or "zero_shot" not in run.dir.metrics.read_text()
+
+
+@pytest.mark.parametrize("preset", ["cityscapes_10pct", "ade20k_10pct", "coco_custom"])
+def test_paper_presets_name_the_papers_teacher(preset):
+    cfg = load_config(preset)
+    assert cfg.teacher.name == "grounded_sam" and cfg.teacher.options["mask_model"] == "sam2"
+    assert cfg.teacher.options["detector_weights"] == "weights/mm_grounding_dino_large_all"
+    assert cfg.teacher.options["sam_weights"] == "weights/sam2.1-hiera-large"
+    assert cfg.teacher.trainable == ["default"] and cfg.student.weights == "weights/dinov2-small"
+    check_teacher_weights(cfg)
+    from sskd.config import PRESET_DIR
+    assert "# detector_weights: weights/grounding-dino-base" in \
+        (PRESET_DIR / f"{preset}.yaml").read_text()                  # the cheaper variant
