@@ -11,7 +11,7 @@ changes model init, the stand-in pretraining and every stage's sampling (the dat
 stay fixed). Finished runs are reused, so adding a seed costs one run. Prints two tables:
 
 * mask AP of every model per seed, with the spread (max - min) across seeds;
-* each headline difference of PAPER.md per seed, with its smallest value across seeds.
+* each headline difference of the paper (docs/method.md) per seed, with its smallest value across seeds.
 
 A difference stands out of seed noise when its smallest value exceeds the largest spread of
 the rows it compares. A demo run takes ~15 min per seed on 2 cores (the stand-ins of seed 0 come

@@ -98,7 +98,12 @@ class ModelConfig:
     name: str = "mask2former"         # registry name (see ``sskd.models.list_models()``)
     size: str = "tiny"                # size preset of that model ("tiny", "demo", "paper", ...)
     weights: str = ""                 # local dir (or hub id when online) of pretrained weights
-    freeze_encoder: bool = False      # keep encoder weights fixed when this model is trained
+    # Parts trained in every stage of this role: "default" (the family's documented choice),
+    # "all", or part names, combinable (e.g. [default, image_encoder]); docs/method.md, "What trains"
+    trainable: list = field(default_factory=lambda: ["default"])
+    # teacher only: on non-synthetic data, run even though the teacher has no pretrained weights
+    # (its "zero-shot" pseudo-labels are then noise); see sskd.stages.checks
+    allow_random_init: bool = False
     options: dict = field(default_factory=dict)  # extra builder keyword arguments
 
 
@@ -123,7 +128,7 @@ class TrainConfig:
 
 @dataclass
 class PixelContrastConfig:
-    """The instance-aware pixel-wise contrastive loss L_pxl (PAPER.md)."""
+    """The instance-aware pixel-wise contrastive loss L_pxl (docs/method.md)."""
 
     temperature: float = 0.07         # NT-Xent temperature T (final value when annealed)
     temperature_start: float = 0.0    # >0: anneal linearly from this to ``temperature``
@@ -131,7 +136,7 @@ class PixelContrastConfig:
     num_negatives: int = 200          # R negatives per anchor, drawn without replacement
     sampler: str = "fused"            # "fused" | "uniform" | "mask_only" | "class_only"
     # Where negatives come from: "batch" (every other pixel of the batch, the anchor's own image
-    # included) or "other_images" (PAPER.md's impl. note). With "other_images" no negative can
+    # included) or "other_images" (the authors' implementation). With "other_images" no negative can
     # lie in the anchor's instance, so FNR is 0 by construction and the debiasing only acts
     # across images; "batch" is the setting where instance-aware sampling matters.
     candidates: str = "batch"
@@ -155,7 +160,7 @@ class EvaluationConfig:
     max_instances: int = 100          # COCO's maxDets: at most this many per image
     mask_threshold: float = 0.5       # binarise mask probabilities at this value
     # AP difference below which the report calls a claim WITHIN NOISE: one short CPU run's
-    # seed-to-seed spread (CPU-TRAINING-NOTES.md: 3-4 AP); measure yours with
+    # seed-to-seed spread (docs/method.md, 'Training on a CPU': 3-4 AP); measure yours with
     # benchmarks/seed_noise.py
     seed_noise_ap: float = 3.5
 
@@ -176,10 +181,10 @@ def _stage(l_semi: float, l_pxl: float, enabled: bool = True) -> Any:
 
 @dataclass
 class StagesConfig:
-    """The three stages of PAPER.md plus the supervised-only baselines."""
+    """The three stages of the method (docs/method.md) plus the supervised-only baselines."""
 
     teacher_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))  # stand-in teacher on the corpus (``data.synthetic.source``/``corpus_*``); seed-independent
-    # Stand-in for the student's foundation backbone (DINOv2-S in PAPER.md): with steps > 0 and
+    # Stand-in for the student's foundation backbone (DINOv2-S in the paper): with steps > 0 and
     # the synthetic benchmark, a student is pretrained on the corpus (cached like the stand-in
     # teacher, seed-independent) and every student stage starts from its *encoder* (neck,
     # decoder and heads from the run's seed); 0 = random init / student.weights.
@@ -238,9 +243,24 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _legacy_model_keys(data: Mapping, path: str) -> dict:
+    """``freeze_encoder`` (replaced by ``trainable``): false, the old default found in every
+    saved config, is dropped; true is an error that says what to write instead."""
+    data = dict(data)
+    if data.pop("freeze_encoder", False):
+        raise ConfigError(
+            f"config key {path}freeze_encoder was replaced by {path}trainable, the list of parts "
+            f"that train: for mask2former write {path}trainable: [neck, pixel_decoder, decoder, "
+            "class_head, projection_head] (all but the encoder); see docs/method.md, "
+            "'What trains', for every family's parts")
+    return data
+
+
 def _from_dict(cls: type, data: Mapping, path: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config key {path or '<root>'!r} must be a mapping, got {data!r}")
+    if cls is ModelConfig:
+        data = _legacy_model_keys(data, path)
     hints = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     defaults = cls()
@@ -382,6 +402,11 @@ def validate(cfg: Config) -> None:
     errors = problems(cfg)
     if errors:
         raise ConfigError("invalid config value(s):\n  " + "\n  ".join(errors))
+    for role in ("teacher", "student"):
+        sel = getattr(cfg, role).trainable
+        if not sel or not all(isinstance(x, str) and x for x in sel):
+            raise ConfigError(f"{role}.trainable must be a non-empty list of part names, "
+                              f"'default' or 'all', got {sel!r} (docs/method.md, 'What trains')")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

@@ -23,7 +23,7 @@ from sskd.rundir import MODEL_TAGS
 
 log = logging.getLogger("sskd")
 
-#: rows of PAPER.md Table 1: (model tag, label)
+#: rows of the paper's Table 1 (docs/method.md): (model tag, label)
 TABLE1_ROWS = (
     ("teacher_zero_shot", "zero-shot teacher"),
     ("teacher_supervised", "teacher, supervised fine-tuning"),
@@ -90,7 +90,7 @@ def loss_curves(logs: Mapping[str, list[dict]], terms: Sequence[str] = LOSS_TERM
 
 
 def margin_fnr_curves(logs: Mapping[str, list[dict]]) -> Figure:
-    """PAPER.md Fig. 3: margin Delta (mean negative - mean positive distance) and the
+    """The paper's Fig. 3 (docs/method.md, 'Diagnostics'): margin Delta (mean negative - mean positive distance) and the
     false-negative rate of sampled negatives vs step, one line per stage that used L_pxl.
 
     The FNR panel has a dashed reference at 0.5 (the margin-growth proposition needs

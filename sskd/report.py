@@ -24,7 +24,7 @@ from sskd.rundir import MODEL_TAGS, RunDir
 MISSING = "—"
 #: stage names of metrics.json "stages", in pipeline order (others follow alphabetically)
 STAGE_ORDER = ("teacher_pretrain", "student_pretrain", "zero_shot", "adapt_teacher", "transfer", "refine")
-#: the claims need the student this many times smaller than the teacher (PAPER.md: ~11x)
+#: the claims need the student this many times smaller than the teacher (the paper: ~11x, docs/method.md)
 MIN_PARAM_RATIO = 10.0
 
 
@@ -84,7 +84,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def results_table(models: Mapping[str, dict]) -> str:
-    """PAPER.md Table 1 shape: one row per model of the pipeline, ``—`` where not run."""
+    """The paper's Table 1 shape (docs/method.md, 'Paper results'): one row per model of the pipeline, ``—`` where not run."""
     from sskd.plots import TABLE1_ROWS
 
     rows = []
@@ -248,7 +248,7 @@ def _sampler_of(name: str, entry: Mapping[str, Any], cfg: Config | None) -> str 
     return None
 
 
-#: seed-to-seed noise of one short CPU run (CPU-TRAINING-NOTES.md: +-3-4 AP) when the run's
+#: seed-to-seed noise of one short CPU run (docs/method.md, 'Training on a CPU': +-3-4 AP) when the run's
 #: config (``evaluation.seed_noise_ap``) is not at hand; smaller differences are reported as
 #: such, whatever their sign
 NOISE_AP = 3.5
@@ -433,7 +433,7 @@ def write_figures(run_dir: RunDir, metrics: Mapping[str, Any], out_dir: Path) ->
     if logs:
         figs["training losses per term"] = ("losses.png", plots.loss_curves(logs))
         if any(r.get("margin") is not None for rows in logs.values() for r in rows):
-            figs["margin and false-negative rate of L_pxl (PAPER.md Fig. 3)"] = (
+            figs["margin and false-negative rate of L_pxl (the paper's Fig. 3)"] = (
                 "margin_fnr.png", plots.margin_fnr_curves(logs))
     out = {}
     for caption, (fname, fig) in figs.items():

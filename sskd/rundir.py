@@ -1,4 +1,4 @@
-"""The run directory layout: the single source of truth of a run (DESIGN.md, principle 2).
+"""The run directory layout: the single source of truth of a run.
 
     runs/<name>/
       config.yaml                      resolved config
@@ -12,7 +12,7 @@
       notebooks/                       executed notebooks (papermill)
       report/                          report.md, report.html, figures
 
-Tags used for models and their outputs (PAPER.md Table 1 rows):
+Tags used for models and their outputs (the rows of the paper's Table 1, docs/method.md):
 ``teacher_zero_shot``, ``teacher_supervised``, ``teacher_1a``, ``teacher_adapted`` (1b),
 ``student_supervised``, ``student_transfer`` (stage 2), ``student_refined`` (stage 3).
 """

@@ -97,7 +97,7 @@ def pseudo_label_browser(records: Sequence[ImageRecord] | Dataset, gt: Dataset |
 
 # --------------------------------------------------------------------------- loss-weight picker
 
-#: the stages of PAPER.md whose loss weights the picker exposes
+#: the stages of the method (docs/method.md) whose loss weights the picker exposes
 WEIGHTED_STAGES = (("adapt_1a", "1a teacher on D_l"), ("adapt_1b", "1b teacher on D_l + D_u"),
                    ("transfer", "2 transfer to student"), ("refine", "3 student refinement"))
 #: baselines the picker can switch on/off

@@ -1,4 +1,4 @@
-"""Weak and strong views of one image that share their geometry (PAPER.md, L_pxl).
+"""Weak and strong views of one image that share their geometry (docs/method.md, L_pxl).
 
 The pixel-wise contrastive loss pairs pixel ``p`` of the weak view with pixel ``p`` of the strong
 view, so both views must come from ONE random geometry (flip, scale, crop/pad); only the strong

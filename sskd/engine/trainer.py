@@ -1,4 +1,4 @@
-"""The training engine: one objective J = L_sup + l_semi L_semi + l_pxl L_pxl (PAPER.md), switched per stage.
+"""The training engine: one objective J = L_sup + l_semi L_semi + l_pxl L_pxl (docs/method.md), switched per stage.
 
 AdamW with a backbone LR multiplier, poly schedule with optional warm-up, gradient clipping, AMP
 (bf16 autocast) on CUDA, batches mixing labeled and pseudo-labeled images in a set ratio,

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# The App and the library must never phone home: the kit works offline (DESIGN.md principle 4).
+# The App and the library must never phone home: the kit works offline.
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
 
 URI_ENV = "FIFTYONE_DATABASE_URI"

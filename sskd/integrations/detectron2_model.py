@@ -193,13 +193,23 @@ class Detectron2Segmenter(Segmenter):
             (``encoder_weights`` is accepted as an alias, as the stages pass it.)
         embed_dim: pixel-embedding dimension ``D``.
         ema_momentum: strong head <- m * strong + (1 - m) * weak after each optimizer step.
-        freeze_encoder: keep the ResNet (``backbone.bottom_up``) fixed.
+        freeze_encoder: keep the ResNet (``backbone.bottom_up``) fixed (when ``trainable`` is
+            None: the same as ``trainable=[fpn, proposal_generator, roi_heads, projection_head]``).
+        trainable: the parts that train (see below; None: every part, or as freeze_encoder).
+
+    Parts (:meth:`Segmenter.set_trainable`): ``backbone`` (the ResNet), ``fpn``,
+    ``proposal_generator`` (RPN), ``roi_heads`` (box and mask heads), ``projection_head``
+    (the weak L_pxl head). Default: every part (detectron2 fine-tunes end to end).
     """
+
+    PARTS = {"backbone": ("detector.backbone.bottom_up.",), "fpn": ("detector.backbone.",),
+             "proposal_generator": ("detector.proposal_generator.",),
+             "roi_heads": ("detector.roi_heads.",), "projection_head": ("embed_weak.",)}
 
     def __init__(self, num_classes: int, size: str = "tiny", config: str | CfgNode = DEFAULT_CONFIG,
                  overrides: Mapping[str, Any] | None = None, weights: str = "", embed_dim: int = 128,
                  ema_momentum: float = 0.99, freeze_encoder: bool = False,
-                 encoder_weights: str = "") -> None:
+                 encoder_weights: str = "", trainable: list[str] | None = None) -> None:
         if isinstance(config, CfgNode):
             config = config.dump()  # saved as yaml text, so load_model can rebuild it
         overrides = {str(k): v for k, v in dict(overrides or {}).items()}
@@ -227,9 +237,9 @@ class Detectron2Segmenter(Segmenter):
         weights = weights or encoder_weights
         if weights:
             self.load_detectron2_weights(weights)
-        self.freeze_encoder = bool(freeze_encoder)
-        if self.freeze_encoder:
-            self.detector.backbone.bottom_up.requires_grad_(False)
+        if trainable is None:
+            trainable = list(self.PARTS)[1:] if freeze_encoder else ["default"]
+        self.set_trainable(trainable)
 
     # ------------------------------------------------------------------------------ weights
     def load_detectron2_weights(self, path: str | Path) -> None:
@@ -244,12 +254,6 @@ class Detectron2Segmenter(Segmenter):
         DetectionCheckpointer(self.detector).load(text)
 
     # ------------------------------------------------------------------------------ forward
-    def train(self, mode: bool = True) -> "Detectron2Segmenter":
-        super().train(mode)
-        if getattr(self, "freeze_encoder", False):
-            self.detector.backbone.bottom_up.eval()  # frozen BatchNorm statistics too
-        return self
-
     def _images(self, images: torch.Tensor) -> ImageList:
         """``B x 3 x H x W`` RGB [0, 1] -> detectron2-normalised, padded ``ImageList``."""
         if images.dim() != 4 or images.shape[1] != 3:

@@ -1,4 +1,4 @@
-"""Negative sampling for the pixel-wise contrastive loss (PAPER.md, "debiased, instance-aware").
+"""Negative sampling for the pixel-wise contrastive loss (docs/method.md, 'The fused negative sampler').
 
 Every anchor pixel ``a`` draws ``R`` negatives WITHOUT replacement from the candidate pixels ``q``
 of the batch, with probability proportional to

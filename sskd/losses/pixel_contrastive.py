@@ -1,4 +1,4 @@
-"""The instance-aware pixel-wise contrastive loss L_pxl (PAPER.md) and its diagnostics.
+"""The instance-aware pixel-wise contrastive loss L_pxl (docs/method.md) and its diagnostics.
 
 Pipeline of one call of :func:`pixel_contrastive_loss`:
 

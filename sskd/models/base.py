@@ -108,7 +108,7 @@ class Segmenter(nn.Module, ABC):
     def pixel_probabilities(self, outputs: SegmenterOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Detached ``P_m``: ``B x Q x h x w`` (softmax over queries) and ``P_c``: ``B x Q x (C+1)``.
 
-        These are the inputs of the fused negative sampler (PAPER.md, y = [P_m || F_c]).
+        These are the inputs of the fused negative sampler (y = [P_m || F_c], docs/method.md).
         """
         pm = outputs.mask_logits.detach().float().softmax(dim=1)
         pc = outputs.class_logits.detach().float().softmax(dim=-1)
@@ -136,6 +136,86 @@ class Segmenter(nn.Module, ABC):
 
     def is_encoder_parameter(self, name: str) -> bool:
         return name.startswith(("encoder.", "backbone."))
+
+    # -- what trains -------------------------------------------------------------------------
+    #: named parts -> parameter-name prefixes (first matching part wins). A parameter in no part
+    #: never trains (the EMA strong head; parts no loss reaches). Each family defines its own.
+    PARTS: dict[str, tuple[str, ...]] = {}
+    #: parts that ``trainable: [default]`` selects (empty: every part); each family documents why
+    DEFAULT_TRAINABLE: tuple[str, ...] = ()
+
+    def part_of(self, name: str) -> str | None:
+        """The part parameter ``name`` belongs to (None: it never trains)."""
+        for part, prefixes in self.PARTS.items():
+            if name.startswith(prefixes):
+                return part
+        return None
+
+    def parts(self) -> dict[str, list[str]]:
+        """``{part: [parameter names]}`` for every part of :attr:`PARTS` (shared weights once)."""
+        out: dict[str, list[str]] = {p: [] for p in self.PARTS}
+        for name, _ in self.named_parameters():
+            part = self.part_of(name)
+            if part is not None:
+                out[part].append(name)
+        return out
+
+    def resolve_trainable(self, selection: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+        """``["default"]`` / ``["all"]`` / part names (combinable) -> part names in PARTS order."""
+        items = [selection] if isinstance(selection, str) else list(selection)
+        valid = list(self.PARTS)
+        chosen: set[str] = set()
+        unknown = []
+        for item in items:
+            if item == "default":
+                chosen |= set(self.DEFAULT_TRAINABLE or valid)
+            elif item == "all":
+                chosen |= set(valid)
+            elif item in self.PARTS:
+                chosen.add(item)
+            else:
+                unknown.append(item)
+        if unknown:
+            name = self.registry_name or type(self).__name__
+            raise ValueError(f"{name} trainable={items}: unknown part(s) {unknown}; valid: "
+                             f"{valid}, 'default' (= {list(self.DEFAULT_TRAINABLE or valid)}) or "
+                             "'all' (see docs/method.md, 'What trains')")
+        return tuple(p for p in valid if p in chosen)
+
+    def set_trainable(self, selection: str | list[str] | tuple[str, ...] = ("default",)
+                      ) -> tuple[str, ...]:
+        """Train exactly the selected parts (the one place that sets ``requires_grad``).
+
+        Every other parameter is frozen, and sub-modules of frozen parts whose parameters are
+        all frozen run in eval mode while training (fixed features: no dropout, fixed norms).
+        Recorded in ``config["trainable"]``, so a saved model reloads with the same selection.
+        Returns the resolved part names.
+        """
+        parts = self.resolve_trainable(selection)
+        for name, p in self.named_parameters(remove_duplicate=False):
+            p.requires_grad_(self.part_of(name) in parts)
+        self.trainable = parts
+        self.config["trainable"] = list(parts)
+        self.train(self.training)
+        return parts
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "Segmenter":
+        super().train(mode)
+        if mode:
+            for part in set(self.PARTS) - set(getattr(self, "trainable", self.PARTS)):
+                for prefix in self.PARTS[part]:
+                    if not prefix.endswith("."):
+                        continue  # a bare parameter, not a module
+                    try:
+                        module = self.get_submodule(prefix[:-1])
+                    except AttributeError:
+                        continue  # e.g. a head only some checkpoints have
+                    if not any(p.requires_grad for p in module.parameters()):
+                        module.eval()
+        return self
 
     def after_optimizer_step(self) -> None:
         """Hook for EMA updates (the strong projection head follows the weak one)."""

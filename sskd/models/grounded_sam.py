@@ -22,14 +22,27 @@ Pipeline of :meth:`GroundedSamTeacher.forward` for ``B x 3 x H x W`` images in [
 Sizes: "tiny" runs SAM at 64 px (32 x 32 masks, 8 x 8 embeddings) whatever the input size;
 its detector needs inputs >= 64 px (GroupNorm on the coarsest level needs more than 1 x 1).
 
-Adaptation (stage 1) trains only the parts named in ``trainable``; the image encoders (detector
-backbone, SAM image encoder) and the text encoder stay frozen and in eval mode, as VFM
-adaptation does. Groups: ``class_head`` (the calibration), ``box_head`` (the detector's box MLP,
-shared by all decoder layers), ``decoder`` (detector decoder layers + query embeddings),
-``fusion_encoder`` (detector feature-enhancer layers, input projections, text projection),
-``mask_decoder`` (SAM mask decoder minus the multimask-only hypernetworks and, for SAM2, the
-object-score head, which single-mask box prompting never uses). The two-stage proposal head
-(``enc_output*``) only ranks proposals (non-differentiable top-k) and always stays frozen.
+What trains (:meth:`Segmenter.set_trainable`, ``teacher.trainable`` in a run): the parts of
+:data:`TRAINABLE_GROUPS`. ``class_head`` (the calibration, plus MM-Grounding-DINO's contrastive
+biases), ``box_head`` (the detector's box MLPs), ``decoder`` (detector decoder layers + query
+embeddings), ``fusion_encoder`` (detector feature enhancer, input projections, text projection),
+``backbone`` (the detector's Swin / ResNet), ``text_encoder`` (BERT), ``image_encoder`` (SAM's
+ViT / SAM2's Hiera + FPN, and SAM2's no-memory embedding), ``prompt_encoder`` (SAM's box-corner
+and no-mask embeddings, positional encoding), ``mask_decoder`` (SAM mask decoder minus the
+multimask-only hypernetworks and SAM2's object-score head, which single-mask box prompting never
+uses), ``projection_head`` (the weak L_pxl head). Never trained: the EMA strong head, the
+two-stage proposal head (``enc_output*``: it only ranks proposals through a non-differentiable
+top-k), SAM's mask-input, point-label and padding-point embeddings (box prompts never
+use them).
+
+Default (:data:`DEFAULT_TRAINABLE`): the detector's decoder and heads, SAM's mask decoder and the
+projection head; the image backbones, BERT, the fusion encoder and SAM's prompt encoder stay
+frozen and in eval mode. That is the common recipe for adapting these models with little data
+(SAM: train the mask decoder on frozen image features; Grounding DINO: keep the text encoder and
+the image backbone fixed), and it bounds memory (no backward pass through Swin-L or Hiera-L).
+Consequence: the projection heads read SAM's *frozen* image embedding, so in stage 1 L_pxl trains
+only the projection head and cannot change the teacher's masks; select ``image_encoder`` to let
+it act (docs/method.md, 'What trains').
 """
 
 from __future__ import annotations
@@ -52,8 +65,27 @@ from sskd.models.heads import ProjectionHead, ema_update
 log = logging.getLogger(__name__)
 
 EMBEDDING_MODES = ("none", "weak", "strong", "both")
-TRAINABLE_GROUPS = ("class_head", "box_head", "decoder", "fusion_encoder", "mask_decoder")
-DEFAULT_TRAINABLE = ("class_head", "box_head", "mask_decoder")
+#: named parts (see the module docstring), first matching prefix wins
+PARTS: dict[str, tuple[str, ...]] = {
+    "class_head": ("class_calibration.", "detector.class_embed.",
+                   "detector.model.decoder.class_embed."),
+    "box_head": ("detector.bbox_embed.", "detector.model.decoder.bbox_embed."),
+    "decoder": ("detector.model.decoder.", "detector.model.query_position_embeddings."),
+    "fusion_encoder": ("detector.model.encoder.", "detector.model.input_proj_vision.",
+                       "detector.model.level_embed", "detector.model.text_projection."),
+    "backbone": ("detector.model.backbone.",),
+    "text_encoder": ("detector.model.text_backbone.",),
+    "image_encoder": ("sam.vision_encoder.", "sam.no_memory_embedding"),
+    # box corners only: SAM's point_embed.{2,3} (SAM2 keeps all four in one table); point
+    # labels 0/1, padding points and mask inputs are never used by box prompts
+    "prompt_encoder": ("sam.prompt_encoder.point_embed.2.", "sam.prompt_encoder.point_embed.3.",
+                       "sam.prompt_encoder.point_embed.weight", "sam.prompt_encoder.no_mask_embed.",
+                       "sam.prompt_encoder.shared_embedding.", "sam.shared_image_embedding."),
+    "mask_decoder": ("sam.mask_decoder.",),
+    "projection_head": ("embed_weak.",),
+}
+TRAINABLE_GROUPS = tuple(PARTS)
+DEFAULT_TRAINABLE = ("class_head", "box_head", "decoder", "mask_decoder", "projection_head")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Grounding DINO, SAM and SAM2 processors all use these
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FILL_LOGIT = -30.0  # class logit of a class absent from a query's prompt (sigmoid ~ 1e-13)
@@ -110,59 +142,24 @@ class GroundedSamTeacher(Segmenter):
         self.embed_weak = ProjectionHead(channels, embed_dim)
         self.embed_strong = ProjectionHead(channels, embed_dim)
         self.embed_strong.load_state_dict(self.embed_weak.state_dict())
-        self.set_trainable(trainable)
+        self.set_trainable(trainable)  # the EMA strong head is in no part: never trains
 
     # -- trainable parts ---------------------------------------------------------------------
-    def _group_of(self, name: str) -> str | None:
-        """Trainable group of parameter ``name`` (None: always frozen, or the weak head)."""
-        if name.startswith("class_calibration."):
-            return "class_head"
-        if name.startswith(("detector.bbox_embed.", "detector.model.decoder.bbox_embed.")):
-            return "box_head"
-        if name.startswith(("detector.model.decoder.",
-                            "detector.model.query_position_embeddings.")):
-            return "decoder"
-        if name.startswith(("detector.model.encoder.", "detector.model.input_proj_vision.",
-                            "detector.model.level_embed", "detector.model.text_projection.")):
-            return "fusion_encoder"
-        if name.startswith("sam.mask_decoder."):
-            hyper, obj = ("sam.mask_decoder.output_hypernetworks_mlps.",
-                          "sam.mask_decoder.pred_obj_score_head.")
-            multimask_only = name.startswith(hyper) and not name.startswith(hyper + "0.")
-            if multimask_only or name.startswith(obj):
-                return None  # multimask-only / object-score parts: unused by single-mask prompts
-            return "mask_decoder"
-        return None
+    PARTS = PARTS
+    DEFAULT_TRAINABLE = DEFAULT_TRAINABLE
 
-    def set_trainable(self, trainable: tuple[str, ...] | list[str]) -> None:
-        """Unfreeze exactly the named groups (see :data:`TRAINABLE_GROUPS`) + the weak head."""
-        unknown = sorted(set(trainable) - set(TRAINABLE_GROUPS))
-        if unknown:
-            raise ValueError(f"grounded_sam trainable={list(trainable)}: unknown part(s) "
-                             f"{unknown}; valid: {list(TRAINABLE_GROUPS)}")
-        self.trainable = tuple(trainable)
-        for name, p in self.named_parameters(remove_duplicate=False):
-            p.requires_grad_(False)
-        for name, p in self.named_parameters(remove_duplicate=False):
-            if self._group_of(name) in self.trainable:
-                p.requires_grad_(True)
-        self.embed_weak.requires_grad_(True)
-        self.embed_strong.requires_grad_(False)  # EMA of embed_weak, see after_optimizer_step
+    def part_of(self, name: str) -> str | None:
+        """Part of parameter ``name``; None for parts no loss reaches (they never train)."""
+        if name.startswith("sam.mask_decoder."):
+            hyper = "sam.mask_decoder.output_hypernetworks_mlps."
+            multimask_only = name.startswith(hyper) and not name.startswith(hyper + "0.")
+            if multimask_only or name.startswith("sam.mask_decoder.pred_obj_score_head."):
+                return None  # multimask-only / object-score parts: unused by single-mask prompts
+        return super().part_of(name)
 
     def is_encoder_parameter(self, name: str) -> bool:
         return name.startswith(("detector.model.backbone.", "detector.model.text_backbone.",
                                 "sam.vision_encoder."))
-
-    def train(self, mode: bool = True) -> "GroundedSamTeacher":
-        """Frozen sub-networks stay in eval mode (no dropout/drop-path in fixed features)."""
-        super().train(mode)
-        if mode:
-            for module in (self.detector.model.backbone, self.detector.model.text_backbone,
-                           self.sam.vision_encoder, self.detector.model.encoder,
-                           self.detector.model.decoder, self.sam.mask_decoder):
-                if not any(p.requires_grad for p in module.parameters()):
-                    module.eval()
-        return self
 
     def after_optimizer_step(self) -> None:
         ema_update(self.embed_strong, self.embed_weak, self.ema_momentum)
@@ -330,7 +327,7 @@ class GroundedSamTeacher(Segmenter):
 def build_grounded_sam(num_classes: int, size: str = "tiny", classes: list[str] | None = None,
                        mask_model: str = "sam2", score_threshold: float = 0.3,
                        max_instances: int = 100, detector_weights: str = "", sam_weights: str = "",
-                       trainable: tuple[str, ...] | list[str] = DEFAULT_TRAINABLE,
+                       trainable: tuple[str, ...] | list[str] = ("default",),
                        embed_dim: int = 128, ema_momentum: float = 0.99,
                        detector_size: int | None = None, num_mask_queries: int | None = None,
                        num_points: int | None = None, vocab_dir: str = "") -> GroundedSamTeacher:
@@ -347,7 +344,8 @@ def build_grounded_sam(num_classes: int, size: str = "tiny", classes: list[str] 
         max_instances: default cap on instances per image in :meth:`predict` (paper: 100).
         detector_weights: local save_pretrained dir or hub id of Grounding DINO ("" = random).
         sam_weights: local dir or hub id of SAM / SAM2 matching ``mask_model`` ("" = random).
-        trainable: parts unfrozen for adaptation, subset of :data:`TRAINABLE_GROUPS`.
+        trainable: parts that train: names of :data:`TRAINABLE_GROUPS`, "default"
+            (:data:`DEFAULT_TRAINABLE`) or "all".
         embed_dim: pixel-embedding dimension D of the projection heads.
         ema_momentum: strong head <- m * strong + (1 - m) * weak after each optimizer step.
         detector_size: detector input shortest edge in px (0 = as given; default: 0 tiny, the

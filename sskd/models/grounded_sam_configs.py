@@ -10,6 +10,13 @@ Three ways to get the two halves of :class:`~sskd.models.grounded_sam.GroundedSa
 * pretrained: ``detector_weights`` / ``sam_weights`` are local ``save_pretrained`` dirs or hub
   ids (fetched only when online and ``HF_HUB_OFFLINE`` is unset). Missing or mismatched files
   raise :class:`TeacherWeightsError`, naming the expected files and how to get them.
+
+The paper's teacher is Grounding-DINO-L (Swin-L) + SAM2.1-L. IDEA Research released Grounding
+DINO weights for Swin-T and Swin-B only; the public Swin-L Grounding DINO is OpenMMLab's
+MM-Grounding-DINO-L (``openmmlab-community/mm_grounding_dino_large_all``, transformers model type
+``mm-grounding-dino``), which the paper presets name. The cheaper variant is IDEA Research's
+Grounding-DINO-B (``IDEA-Research/grounding-dino-base``, model type ``grounding-dino``); both
+load here (see :data:`DETECTOR_CHECKPOINTS`).
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from pathlib import Path
 import torch
 from tokenizers import normalizers, pre_tokenizers
 from transformers import (AutoConfig, AutoTokenizer, BertConfig, BertTokenizer,
-                          GroundingDinoConfig, GroundingDinoForObjectDetection, ResNetConfig,
-                          Sam2Config, Sam2Model, SamConfig, SamModel, SwinConfig)
+                          GroundingDinoConfig, GroundingDinoForObjectDetection,
+                          MMGroundingDinoForObjectDetection, ResNetConfig, Sam2Config, Sam2Model,
+                          SamConfig, SamModel, SwinConfig)
 from transformers.models.bert.tokenization_bert import load_vocab
 from transformers.models.sam2.configuration_sam2 import Sam2HieraDetConfig
 
@@ -33,9 +41,18 @@ TINY_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?"]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 #: where the paper's checkpoints live on the hub (used in error messages only)
-HUB_HINTS = {"detector": "IDEA-Research/grounding-dino-base", "sam": "facebook/sam-vit-huge",
-             "sam2": "facebook/sam2.1-hiera-large"}
-MODEL_TYPES = {"detector": "grounding-dino", "sam": "sam", "sam2": "sam2"}
+HUB_HINTS = {"detector": "openmmlab-community/mm_grounding_dino_large_all",
+             "sam": "facebook/sam-vit-huge", "sam2": "facebook/sam2.1-hiera-large"}
+#: detector checkpoints: hub id -> what it is (the paper's Swin-L first, then the cheaper B)
+DETECTOR_CHECKPOINTS = {
+    "openmmlab-community/mm_grounding_dino_large_all": "Grounding-DINO-L (Swin-L), the paper's",
+    "IDEA-Research/grounding-dino-base": "Grounding-DINO-B (Swin-B), cheaper",
+}
+#: accepted transformers model types per part, and the class that loads each
+MODEL_TYPES = {"detector": ("grounding-dino", "mm-grounding-dino"), "sam": ("sam",),
+               "sam2": ("sam2",)}
+DETECTOR_CLASSES = {"grounding-dino": GroundingDinoForObjectDetection,
+                    "mm-grounding-dino": MMGroundingDinoForObjectDetection}
 
 
 class TeacherWeightsError(FileNotFoundError):
@@ -231,9 +248,13 @@ def _hint(part: str, setting: str) -> str:
                   "preprocessor_config.json")
     else:
         files += " and preprocessor_config.json"
+    alt = ""
+    if part == "detector":
+        alt = (" (the paper's Grounding-DINO-L; the cheaper Grounding-DINO-B is "
+               "IDEA-Research/grounding-dino-base -> weights/grounding-dino-base)")
     return (f"expected a directory (save_pretrained layout) with {files}. On a machine with "
-            f"network access run `huggingface-cli download {hub} --local-dir {local}` and pass "
-            f"{setting}={local!r}")
+            f"network access run `huggingface-cli download {hub} --local-dir {local}`{alt} and "
+            f"pass {setting}={local!r}")
 
 
 def _is_hub_id(ref: str) -> bool:
@@ -257,7 +278,8 @@ def _check_dir(path: Path, part: str, setting: str) -> None:
 
 
 def _load(cls, ref: str, part: str, setting: str):
-    """``cls.from_pretrained`` with offline handling, type check and strict key check."""
+    """``cls.from_pretrained`` with offline handling, type check and strict key check (``cls``
+    None for the detector: chosen by the checkpoint's model type)."""
     local_only = _offline()
     if not _is_hub_id(ref):
         _check_dir(Path(ref).expanduser(), part, setting)
@@ -270,9 +292,12 @@ def _load(cls, ref: str, part: str, setting: str):
             else "it could not be fetched"
         raise TeacherWeightsError(f"cannot load {setting}={ref!r}: {where}{why}; "
                                   + _hint(part, setting)) from e
-    if config.model_type != MODEL_TYPES[part]:
+    if config.model_type not in MODEL_TYPES[part]:
+        expected = " or ".join(repr(t) for t in MODEL_TYPES[part])
         raise TeacherWeightsError(f"{setting}={ref!r} holds a {config.model_type!r} checkpoint, "
-                                  f"expected {MODEL_TYPES[part]!r}; " + _hint(part, setting))
+                                  f"expected {expected}; " + _hint(part, setting))
+    if part == "detector":
+        cls = DETECTOR_CLASSES[config.model_type]
     try:
         model, info = cls.from_pretrained(ref, local_files_only=local_only,
                                           output_loading_info=True)
@@ -288,9 +313,8 @@ def _load(cls, ref: str, part: str, setting: str):
 
 
 def load_detector(ref: str):
-    """-> (GroundingDinoForObjectDetection, tokenizer, shortest_edge or None) from ``ref``."""
-    model, ref, local_only = _load(GroundingDinoForObjectDetection, ref, "detector",
-                                   "detector_weights")
+    """-> ((MM)GroundingDinoForObjectDetection, tokenizer, shortest_edge or None) from ``ref``."""
+    model, ref, local_only = _load(None, ref, "detector", "detector_weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local_only)
     except (OSError, ValueError) as e:

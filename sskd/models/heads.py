@@ -1,4 +1,4 @@
-"""Pixel-embedding projection heads for the contrastive loss L_pxl (PAPER.md).
+"""Pixel-embedding projection heads for the contrastive loss L_pxl (docs/method.md).
 
 The weak head is an MLP of 1x1 convolutions trained by gradient. The strong head has the same
 architecture but is a stop-gradient branch: its weights are an exponential moving average (EMA)

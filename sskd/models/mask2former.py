@@ -1,7 +1,7 @@
 """The Mask2Former-family segmenter: DINOv2 encoder + DPT neck + Mask2Former decoder + L_pxl heads.
 
 One class serves the student, the trainable teacher and the stand-in foundation teacher; they
-differ only by size (:mod:`sskd.models.sizes`) and options (``freeze_encoder``). Data flow for
+differ only by size (:mod:`sskd.models.sizes`) and options (``trainable``). Data flow for
 ``images: B x 3 x H x W`` in ``[0, 1]`` (``H, W`` multiples of the patch size ``p``):
 
 1. ImageNet normalisation, then ``transformers.Dinov2Model`` -> hidden states of the
@@ -20,13 +20,14 @@ supervision, on every earlier prediction (the query-only one and each intermedia
 
 Initialisation: the decoder pieces are plain ``nn.Module``s here (not a ``PreTrainedModel``), so
 transformers' ``_init_weights`` never runs on them. That avoids its BatchNorm/GroupNorm gamma
-~ N(0, 0.02) (CPU-TRAINING-NOTES.md: norms keep PyTorch's gamma = 1), but leaves a few
+~ N(0, 0.02) (norms keep PyTorch's gamma = 1: docs/method.md, 'Deviations'), but leaves a few
 tensors that Mask2Former needs initialised by hand (:func:`init_mask2former_weights`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -110,10 +111,28 @@ class Mask2FormerSegmenter(Segmenter):
             no-object).
         size: a key of :data:`sskd.models.sizes.SIZES`.
         **overrides: any key of :data:`sskd.models.sizes.DEFAULTS`, e.g. ``num_queries=50``,
-            ``freeze_encoder=True``, ``encoder_weights="weights/dinov2-small"``.
+            ``trainable=["neck", "pixel_decoder", "decoder", "class_head", "projection_head"]``,
+            ``encoder_weights="weights/dinov2-small"``.
+
+    Parts (:meth:`set_trainable`): ``encoder`` (DINOv2), ``neck`` (DPT), ``pixel_decoder``,
+    ``decoder`` (masked-attention query decoder), ``class_head``, ``projection_head`` (the weak
+    L_pxl head; the strong one is its EMA and never trains). Default: every part, as a
+    Mask2Former is fine-tuned end to end (the encoder at ``train.backbone_lr_mult`` of the lr).
     """
 
+    PARTS = {"encoder": ("encoder.",), "neck": ("neck.",), "pixel_decoder": ("pixel_decoder.",),
+             "decoder": ("transformer.",), "class_head": ("class_head.",),
+             "projection_head": ("embed_weak.",)}
+
     def __init__(self, num_classes: int, size: str = "tiny", **overrides: Any) -> None:
+        if "freeze_encoder" in overrides:  # the option trainable replaced (old model.json files)
+            if overrides.pop("freeze_encoder"):
+                if "trainable" in overrides:
+                    raise TypeError("mask2former: give trainable=[...] or the deprecated "
+                                    "freeze_encoder=True, not both")
+                warnings.warn("mask2former freeze_encoder=True is deprecated: use trainable="
+                              f"{list(self.PARTS)[1:]}", DeprecationWarning, stacklevel=3)
+                overrides["trainable"] = list(self.PARTS)[1:]
         cfg = resolve_size(size, overrides)
         saved = {k: v for k, v in overrides.items() if k != "encoder_weights"}
         # encoder_weights is not part of the saved config: a saved model carries its own
@@ -163,24 +182,9 @@ class Mask2FormerSegmenter(Segmenter):
             from sskd.models.pretrained import load_dinov2_weights
             load_dinov2_weights(self.encoder, cfg["encoder_weights"])
         self.encoder_weights = str(cfg["encoder_weights"])  # informational, not saved
-        self.set_encoder_frozen(bool(cfg["freeze_encoder"]))
-
-    def set_encoder_frozen(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the encoder after building, e.g. a loaded pretrained teacher that
-        now adapts as a stand-in foundation model. Recorded in ``config`` so save/load keeps it."""
-        self.freeze_encoder = bool(frozen)
-        self.cfg["freeze_encoder"] = self.freeze_encoder
-        self.config["freeze_encoder"] = self.freeze_encoder
-        self.encoder.requires_grad_(not self.freeze_encoder)
-        self.train(self.training)
+        self.set_trainable(cfg["trainable"])
 
     # ---------------------------------------------------------------------------------- forward
-    def train(self, mode: bool = True) -> "Mask2FormerSegmenter":
-        super().train(mode)
-        if self.freeze_encoder:
-            self.encoder.eval()  # a frozen foundation encoder stays in inference mode
-        return self
-
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``B x 3 x H x W`` in [0, 1] -> 4 neck maps ``B x C_i x H/s x W/s`` (s = 4, 8, 16, 32)."""
         if images.dim() != 4 or images.shape[1] != 3:
@@ -190,7 +194,9 @@ class Mask2FormerSegmenter(Segmenter):
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size "
                              f"{self.patch_size}: resize/pad inputs (data.input_size)")
         x = (images - self.pixel_mean) / self.pixel_std
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+        # a frozen encoder runs without autograd (no activations kept for a backward pass)
+        frozen = not any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             hidden = self.encoder(pixel_values=x, output_hidden_states=True).hidden_states
             # hidden[0] is the embedding output, hidden[i + 1] the output of block i
             taps = [self.encoder.layernorm(hidden[i + 1]) for i in self.out_layers]

@@ -19,8 +19,8 @@ Training step (forward + loss + backward + AdamW, batch 8, 64 px, ``benchmarks/e
 tiny 0.05 s (batch 2, 64 px). (An earlier 1.05M / 12.8M pair took 0.15 / 0.45 s and learned no
 more per step, so the demo pair was shrunk to fit more steps into its 20-minute budget.)
 
-teacher_demo / student_demo = 11.2x params (PAPER.md: 568M / 52M = 10.9x). The paper student
-comes to 51.2M (PAPER.md: about 52M) with a 4 x hidden decoder FFN (1536). Paper sizes store
+teacher_demo / student_demo = 11.2x params (the paper: 568M / 52M = 10.9x). The paper student
+comes to 51.2M (the paper: about 52M) with a 4 x hidden decoder FFN (1536). Paper sizes store
 position embeddings for 518 px (37 x 37 patches) so the ``facebook/dinov2-small`` /
 ``facebook/dinov2-large`` checkpoints load as is; any multiple of 14 works as input.
 
@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "patch_size": 14,               # ViT patch size in px; input H, W must be multiples of it
     "encoder_image_size": 518,      # image size the position embeddings are stored for (518: HF DINOv2)
     "out_layers": [2, 5, 8, 11],    # ViT blocks (0-based) reassembled into strides 4/8/16/32
-    "freeze_encoder": False,        # True: encoder weights fixed and run without autograd
+    "trainable": ["default"],       # parts that train (Segmenter.set_trainable; default: all)
     "encoder_weights": "",          # local HF Dinov2 dir or hub id to load into the encoder ("" = random)
     # -- DPT neck --
     "neck_channels": [48, 96, 192, 384],  # channels of the reassembled stride 4/8/16/32 maps
@@ -80,7 +80,7 @@ SIZES: dict[str, dict[str, Any]] = {
     # demo pair at 64 px (patch 8 -> 8x8 tokens): teacher ~12x the student, 78% of it in the
     # encoder (frozen while the stand-in foundation teacher adapts); 512 loss points suffice
     # for 16x16 mask logits and cut ~12% of a student step vs 1024
-    # The demo pair is sized for learning per CPU-second (CPU-TRAINING-NOTES: small models learn
+    # The demo pair is sized for learning per CPU-second (docs/method.md, 'Training on a CPU': small models learn
     # as much per second; the teacher is 11x the student, most of it in its ViT encoder).
     "student_demo": dict(encoder_hidden=64, encoder_layers=3, encoder_heads=2, patch_size=8,
                          encoder_image_size=64, out_layers=[0, 1, 1, 2],

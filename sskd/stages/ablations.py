@@ -1,4 +1,4 @@
-"""Ablations (PAPER.md Tables 2-4) as child runs, and the efficiency comparison of a run.
+"""Ablations (the paper's ablation tables, docs/method.md) as child runs, and the efficiency comparison of a run.
 
 An ablation is ``name -> config overrides`` in ``cfg.ablations``. It becomes a child run in
 ``<run>/ablations/<name>/`` that reuses the parent's splits and pseudo-labels and re-runs only

@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from sskd.engine.inference import predict_to_jsonl
 from sskd.engine.trainer import Objective, TrainPaths, train
 from sskd.metrics import read_metrics, update_metrics
 from sskd.models.base import Segmenter, build_model, load_model
+from sskd.stages.checks import trainable_parts
 from sskd.stages.run import Run, log
 
 STANDIN_VERSION = 3  # bump when the stand-ins' recipe changes (invalidates their caches)
@@ -36,14 +37,6 @@ def build_from_config(mc: ModelConfig, classes: list[str], seed: int = 0) -> Seg
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(mc.name, num_classes=len(classes), size=mc.size, **kwargs)
-
-
-def set_encoder_trainable(model: Segmenter, trainable: bool) -> Segmenter:
-    """Freeze/unfreeze the encoder (the stand-in foundation teacher adapts with a frozen one)."""
-    for name, p in model.named_parameters():
-        if model.is_encoder_parameter(name):
-            p.requires_grad_(trainable)
-    return model
 
 
 def is_standin(run: Run) -> bool:
@@ -223,17 +216,19 @@ def _read_fingerprint(fp_file: Path, stage: str) -> dict:
 
 
 def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
-                unlabeled: Dataset | None, sc: StageConfig, freeze_encoder: bool = False,
-                progress: bool = True) -> Segmenter:
+                unlabeled: Dataset | None, sc: StageConfig,
+                trainable: Sequence[str] = ("default",), progress: bool = True) -> Segmenter:
     """Train ``model`` for one stage, or load its weights when it already ran with the same inputs.
 
     The stage's fingerprint covers its config, the initial weights and the exact labeled and
     pseudo-labeled records; when any of them changed (new loss weights, a re-adapted teacher),
     the old weights and the predictions made with them are removed and the stage trains again.
+    ``trainable``: the role's ``trainable`` setting (which parts of ``model`` train).
     """
     paths = TrainPaths.in_dir(run.dir.root, stage)
     fp_file = run.dir.checkpoint_dir(stage) / "fingerprint.json"
-    parts = {"stage_config": sc, "seed": run.cfg.seed, "freeze_encoder": freeze_encoder,
+    trainable = trainable_parts(model, trainable)
+    parts = {"stage_config": sc, "seed": run.cfg.seed, "trainable": list(trainable),
              "pixel_contrast": run.cfg.pixel_contrast, "pseudo_label": run.cfg.pseudo_label,
              "input_size": run.cfg.data.input_size, "initial_weights": model,
              "labeled": labeled, "pseudo_labeled": unlabeled or []}
@@ -251,7 +246,7 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
                      ", ".join(changed) or "unknown")
         _invalidate(run, stage)
         write_json_atomic({"fingerprint": fp, "parts": part_fps}, fp_file)
-    set_encoder_trainable(model, not freeze_encoder)
+    model.set_trainable(trainable)
     obj = Objective(l_semi=sc.l_semi, l_pxl=sc.l_pxl, pixel_contrast=run.cfg.pixel_contrast,
                     pseudo_label=run.cfg.pseudo_label)
     train(model, labeled, paths, run_train_config(run, sc.train), obj,

@@ -1,4 +1,4 @@
-"""The three stages of PAPER.md (plus zero-shot labelling and the supervised baselines).
+"""The three stages of the method, docs/method.md (plus zero-shot labelling and the supervised baselines).
 
 Each stage is a function of the run (dir + config) that reads its inputs from the run dir,
 writes its outputs there atomically, records metrics, and skips work already done, so any
@@ -12,6 +12,7 @@ from pathlib import Path
 from sskd.stages.common import (StageTimer, evaluate_model, initial_student, is_standin,
                                 load_pseudo_labels, pretrained_teacher, pseudo_label,
                                 student_is_standin, train_stage)
+from sskd.stages.checks import check_teacher_weights
 from sskd.stages.parallel import side_jobs
 from sskd.stages.data import load_datasets
 from sskd.stages.run import Run, as_run, log, set_threads
@@ -31,6 +32,7 @@ def zero_shot(run: Run | str | Path, progress: bool = True) -> dict:
     the teacher, and on 2 cores both fit in the teacher's pretraining time.
     """
     run = as_run(run)
+    check_teacher_weights(run.cfg)  # before anything trains (the stand-ins' pretraining too)
     set_threads()
     side = [j for j, on in (("student_pretrain", student_is_standin(run)),
                             ("student_supervised", run.cfg.stages.student_supervised.enabled)) if on]
@@ -49,10 +51,12 @@ def _supervised_baseline(run: Run, role: str, progress: bool) -> dict:
     sc = getattr(run.cfg.stages, tag)
     if sc.enabled:
         teacher = role == "teacher"
+        if teacher:
+            check_teacher_weights(run.cfg)
         ds = load_datasets(run, with_source=is_standin(run) if teacher else student_is_standin(run))
         init = (pretrained_teacher if teacher else initial_student)(run, ds, progress)
         m = train_stage(run, tag, init, ds["labeled"], None, sc,
-                        getattr(run.cfg, role).freeze_encoder, progress)
+                        getattr(run.cfg, role).trainable, progress)
         evaluate_model(run, m, tag, ds["val"])
     return _models_summary(run, [tag])
 
@@ -71,9 +75,10 @@ def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
     the zero-shot pseudo-labels are used downstream (the "no teacher adaptation" ablation).
     """
     run = as_run(run)
+    check_teacher_weights(run.cfg)
     set_threads()
     st = run.cfg.stages
-    freeze = run.cfg.teacher.freeze_encoder
+    parts = run.cfg.teacher.trainable
     with StageTimer(run, "adapt_teacher"):
         ds = load_datasets(run, with_source=True)
         lab, unl = ds["labeled"], ds["unlabeled"]
@@ -81,15 +86,15 @@ def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
         with side_jobs(run, ["teacher_supervised"] if st.teacher_supervised.enabled else []):
             if st.adapt_1a.enabled:
                 t1a = train_stage(run, "teacher_1a", pretrained_teacher(run, ds, progress), lab,
-                                  None, st.adapt_1a, freeze, progress)
+                                  None, st.adapt_1a, parts, progress)
                 evaluate_model(run, t1a, "teacher_1a", ds["val"])
                 pl_1a = pseudo_label(run, t1a, "teacher_1a", unl)
                 adapted = t1a
                 if st.adapt_1b.enabled:
-                    # 1b re-initialises from theta_T0, not from theta_T' (PAPER.md stage 1b).
+                    # 1b re-initialises from theta_T0, not from theta_T' (docs/method.md, stage 1b).
                     adapted = train_stage(run, "teacher_adapted",
                                           pretrained_teacher(run, ds, progress), lab, pl_1a,
-                                          st.adapt_1b, freeze, progress)
+                                          st.adapt_1b, parts, progress)
             if adapted is not None:
                 evaluate_model(run, adapted, "teacher_adapted", ds["val"])
                 pseudo_label(run, adapted, "teacher_adapted", unl)
@@ -128,7 +133,7 @@ def transfer(run: Run | str | Path, progress: bool = True) -> dict:
             pl = load_pseudo_labels(run, transfer_pseudo_tag(run), ds["labeled"].classes)
             with side_jobs(run, ["ablations"] if transfer_only_ablations(run) else []):
                 m = train_stage(run, "student_transfer", initial_student(run, ds, progress),
-                                ds["labeled"], pl, st.transfer, run.cfg.student.freeze_encoder,
+                                ds["labeled"], pl, st.transfer, run.cfg.student.trainable,
                                 progress)
                 evaluate_model(run, m, "student_transfer", ds["val"])
     return _models_summary(run, ["student_supervised", "student_transfer"])
@@ -148,6 +153,6 @@ def refine(run: Run | str | Path, progress: bool = True) -> dict:
                 raise FileNotFoundError(f"{src} is missing: stage 3 starts from the stage-2 "
                                         "student; run transfer(run) (notebook 03) first")
             m = train_stage(run, "student_refined", load_model(src), ds["labeled"], None, st.refine,
-                            run.cfg.student.freeze_encoder, progress)
+                            run.cfg.student.trainable, progress)
             evaluate_model(run, m, "student_refined", ds["val"])
     return _models_summary(run, ["student_refined"])

@@ -11,7 +11,7 @@ import torch
 from sskd.models import build_model, load_model
 from sskd.models import grounded_sam_configs as gc
 from sskd.models.base import SegmenterOutput
-from sskd.models.grounded_sam import FILL_LOGIT, TRAINABLE_GROUPS
+from sskd.models.grounded_sam import DEFAULT_TRAINABLE, FILL_LOGIT, TRAINABLE_GROUPS
 from sskd.models.grounded_sam_loss import masks_to_boxes_cxcywh
 
 CLASSES = ["circle", "rectangle", "triangle"]
@@ -217,31 +217,77 @@ def test_trainable_option_controls_requires_grad(tmp_path):
     default = _trainable_names(tiny(tmp_path))
     assert any(n.startswith("class_calibration.") for n in default)
     assert any(n.startswith("detector.bbox_embed.") for n in default)
+    assert any(n.startswith("detector.model.decoder.layers.") for n in default)
     assert any(n.startswith("sam.mask_decoder.transformer.") for n in default)
-    assert not any(n.startswith(("detector.model.decoder.layers.", "detector.model.encoder."))
-                   for n in default)
-    only_heads = _trainable_names(tiny(tmp_path, trainable=()))
+    assert any(n.startswith("embed_weak.") for n in default)
+    frozen = ("detector.model.encoder.", "detector.model.backbone.", "sam.vision_encoder.",
+              "detector.model.text_backbone.", "sam.prompt_encoder.", "embed_strong.")
+    assert not any(n.startswith(frozen) for n in default)
+    only_heads = _trainable_names(tiny(tmp_path, trainable=("projection_head",)))
     assert only_heads and all(n.startswith("embed_weak.") for n in only_heads)
     decoder = _trainable_names(tiny(tmp_path, trainable=("decoder",)))
     assert any(n.startswith("detector.model.decoder.layers.") for n in decoder)
-    assert not any("bbox_embed" in n or n.startswith("sam.") for n in decoder)
-    everything = _trainable_names(tiny(tmp_path, "sam2", trainable=ALL_GROUPS))
-    never = ("detector.model.backbone.", "detector.model.text_backbone.", "sam.vision_encoder.",
-             "embed_strong.", "sam.mask_decoder.output_hypernetworks_mlps.1.",
-             "sam.mask_decoder.pred_obj_score_head.", "detector.model.enc_output")
+    assert not any("bbox_embed" in n or n.startswith(("sam.", "embed_weak.")) for n in decoder)
+    everything = _trainable_names(tiny(tmp_path, "sam2", trainable=("all",)))
+    assert any(n.startswith("sam.vision_encoder.") for n in everything)
+    assert any(n.startswith("detector.model.text_backbone.") for n in everything)
+    never = ("embed_strong.", "sam.mask_decoder.output_hypernetworks_mlps.1.",
+             "sam.mask_decoder.pred_obj_score_head.", "detector.model.enc_output",
+             "sam.prompt_encoder.mask_embed.", "sam.prompt_encoder.not_a_point_embed.")
     assert not any(n.startswith(never) for n in everything)
     with pytest.raises(ValueError, match="unknown part"):
-        tiny(tmp_path, trainable=("image_encoder",))
+        tiny(tmp_path, trainable=("vision_tower",))
+
+
+@pytest.mark.parametrize("mask_model,counts", [
+    ("sam2", {"class_head": 4, "box_head": 2244, "decoder": 36704, "mask_decoder": 34304,
+              "projection_head": 5280}),
+    ("sam", {"class_head": 4, "box_head": 2244, "decoder": 36704, "mask_decoder": 33876,
+             "projection_head": 5280})])
+def test_default_parts_and_their_parameter_counts(tmp_path, mask_model, counts):
+    """The documented default: detector decoder + heads, SAM's mask decoder, projection head."""
+    model = tiny(tmp_path, mask_model)
+    params = dict(model.named_parameters())
+    trained = {}
+    for n in model.trainable_parameter_names():
+        trained[model.part_of(n)] = trained.get(model.part_of(n), 0) + params[n].numel()
+    assert trained == counts
+    assert model.trainable == DEFAULT_TRAINABLE == tuple(counts)
+    assert model.config["trainable"] == list(counts)       # saved with the model
 
 
 def test_frozen_parts_stay_in_eval_mode(tmp_path):
     model = tiny(tmp_path).train()
     assert model.training and model.sam.mask_decoder.training
+    assert model.detector.model.decoder.training
     assert not model.detector.model.backbone.training
     assert not model.detector.model.text_backbone.training
     assert not model.sam.vision_encoder.training
-    assert not model.detector.model.encoder.training             # not in the default groups
+    assert not model.detector.model.encoder.training             # not in the default parts
     assert model.is_encoder_parameter("sam.vision_encoder.neck.conv1.weight")
+    model.set_trainable(["all"])
+    assert model.sam.vision_encoder.training and model.detector.model.backbone.training
+
+
+def test_mm_grounding_dino_checkpoint_loads(tmp_path):
+    """The public Swin-L Grounding DINO (MM-Grounding-DINO-L) has its own model type."""
+    from transformers import MMGroundingDinoConfig, MMGroundingDinoForObjectDetection
+    tok = gc.load_vocab_tokenizer(gc.write_tiny_vocab(CLASSES, tmp_path / "mm"))
+    base = gc.detector_config("tiny", len(tok))
+    keep = {k: getattr(base, k) for k in (
+        "num_queries", "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim",
+        "decoder_ffn_dim", "encoder_attention_heads", "decoder_attention_heads",
+        "encoder_n_points", "decoder_n_points", "max_text_len")}
+    cfg = MMGroundingDinoConfig(backbone_config=base.backbone_config,
+                                text_config=base.text_config, **keep)
+    MMGroundingDinoForObjectDetection(cfg).save_pretrained(tmp_path / "mm")
+    tok.save_pretrained(tmp_path / "mm")
+    model = build_model("grounded_sam", 3, classes=CLASSES, detector_weights=str(tmp_path / "mm"),
+                        mask_model="sam2", detector_size=0)
+    out = model(scene()[0])
+    assert out.class_logits.shape[-1] == 4 and torch.isfinite(out.class_logits[..., :3]).all()
+    biases = [n for n in model.trainable_parameter_names() if ".class_embed." in n]
+    assert biases and all(model.part_of(n) == "class_head" for n in biases)
 
 
 def test_strong_head_follows_weak_head_by_ema(tmp_path):
@@ -298,7 +344,8 @@ def test_missing_weights_name_the_files_and_the_fix(tmp_path, monkeypatch):
         build_model("grounded_sam", 3, classes=CLASSES, detector_weights=str(tmp_path / "gdino"))
     msg = str(e.value)
     for part in ("config.json", "model.safetensors", "vocab.txt", "preprocessor_config.json",
-                 "huggingface-cli download IDEA-Research/grounding-dino-base", "detector_weights"):
+                 "huggingface-cli download openmmlab-community/mm_grounding_dino_large_all",
+                 "IDEA-Research/grounding-dino-base", "detector_weights"):
         assert part in msg
     (tmp_path / "sam").mkdir()
     (tmp_path / "sam" / "config.json").write_text("{}")

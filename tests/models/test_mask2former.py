@@ -167,7 +167,26 @@ def test_ema_strong_head_follows_weak_head():
     assert dist() < 1e-4
 
 
-def test_freeze_encoder_and_param_groups():
+NO_ENCODER = ["neck", "pixel_decoder", "decoder", "class_head", "projection_head"]
+
+
+def test_parts_cover_every_parameter_but_the_ema_head():
+    model = tiny()
+    parts = model.parts()
+    assert list(parts) == ["encoder", "neck", "pixel_decoder", "decoder", "class_head",
+                           "projection_head"]
+    named = [n for n, _ in model.named_parameters()]
+    in_parts = [n for names in parts.values() for n in names]
+    assert sorted(in_parts) == sorted(n for n in named if not n.startswith("embed_strong."))
+    assert parts["decoder"][0].startswith("transformer.")
+    assert model.trainable == tuple(parts)                     # default: the whole network
+    assert model.trainable_parameter_names() == in_parts
+    assert model.resolve_trainable(["default"]) == model.resolve_trainable("all") == tuple(parts)
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['backbone'\]"):
+        model.set_trainable(["backbone"])
+
+
+def test_frozen_encoder_and_param_groups():
     model = tiny()
     names = [n for n, _ in model.named_parameters()]
     enc = [n for n in names if model.is_encoder_parameter(n)]
@@ -178,7 +197,7 @@ def test_freeze_encoder_and_param_groups():
     assert groups["encoder"]["lr"] == pytest.approx(1e-4)
     assert len(groups["encoder"]["params"]) == len(enc)
 
-    frozen = tiny(freeze_encoder=True)
+    frozen = tiny(trainable=NO_ENCODER)
     assert not any(p.requires_grad for p in frozen.encoder.parameters())
     assert [g["name"] for g in frozen.param_groups(1e-3, 0.1)] == ["heads"]
     frozen.train()
@@ -187,22 +206,27 @@ def test_freeze_encoder_and_param_groups():
     frozen.compute_losses(frozen(x), targets)["loss"].backward()
     assert all(p.grad is None for p in frozen.encoder.parameters())
     assert all(p.grad is not None for p in frozen.transformer.parameters())
+    with pytest.warns(DeprecationWarning, match="trainable"):
+        legacy = tiny(freeze_encoder=True)                       # old model.json files
+    assert legacy.trainable == tuple(NO_ENCODER)
 
 
-def test_freeze_after_loading_survives_save_load(tmp_path):
+def test_trainable_after_loading_survives_save_load(tmp_path):
     from sskd.models import load_model
 
     model = tiny()
     model.save(tmp_path / "pretrained")
     teacher = load_model(tmp_path / "pretrained")
     assert all(p.requires_grad for p in teacher.encoder.parameters())
-    teacher.set_encoder_frozen(True)
+    teacher.set_trainable(NO_ENCODER)
     assert not any(p.requires_grad for p in teacher.encoder.parameters())
     teacher.save(tmp_path / "adapted")
     again = load_model(tmp_path / "adapted")
-    assert again.freeze_encoder and not any(p.requires_grad for p in again.encoder.parameters())
-    again.set_encoder_frozen(False)
+    assert again.trainable == tuple(NO_ENCODER)
+    assert not any(p.requires_grad for p in again.encoder.parameters())
+    again.set_trainable(["all"])
     assert all(p.requires_grad for p in again.encoder.parameters())
+    assert not any(p.requires_grad for p in again.embed_strong.parameters())
 
 
 def test_loss_runs_in_float32_under_autocast():
@@ -252,7 +276,7 @@ def test_sizes_param_counts():
     assert teacher_enc > 0.6 * teacher  # adapting with a frozen encoder is cheap
     paper_student, paper_enc = _count("student_paper")
     assert 22.0e6 < paper_enc < 22.1e6  # ViT-S/14
-    assert 48e6 < paper_student < 56e6  # PAPER.md: about 52M
+    assert 48e6 < paper_student < 56e6  # the paper: about 52M (docs/method.md)
     paper_teacher, paper_teacher_enc = _count("teacher_paper")
     assert 304.0e6 < paper_teacher_enc < 304.5e6  # ViT-L/14
     assert paper_teacher > 6 * paper_student
