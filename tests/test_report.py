@@ -119,6 +119,7 @@ def test_the_noise_threshold_comes_from_the_run_config():
 def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
     cfg = Config()
     cfg.pixel_contrast.sampler = "uniform"
+    cfg.ablations = {"neg": {"pixel_contrast.sampler": "fused"}}
     m = {"models": {"teacher_zero_shot": {"AP": 1.0}, "teacher_adapted": {"AP": 2.0},
                     "student_refined": {"AP": 2.5}, "student_transfer": {"AP": 3.0}},
          "efficiency": [{"model": "teacher", "params_M": 20.0}, {"model": "student", "params_M": 1.0}],
@@ -131,6 +132,15 @@ def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
     assert c[3].status == "WITHIN NOISE"
     assert c[3].detail == ("`student_transfer`: fused 2.0 (ablation neg) vs uniform 3.0 (main run) "
                            "(-1.0 AP); |difference| < 3.5 AP, within single-run seed noise")
+    # an ablation the config no longer has (or has with other overrides) is not evidence
+    for ablations in ({}, {"neg": {"pixel_contrast.sampler": "mask_only"}}):
+        cfg.ablations = ablations
+        assert report.check_claims(m, cfg)[3].status == "SKIPPED"
+    # the sampler comes from what the child run recorded, never from the ablation's name
+    cfg.ablations = {"uniform_x": {"pixel_contrast.temperature": 0.1}}
+    m["ablations"] = {"uniform_x": {"overrides": cfg.ablations["uniform_x"], "sampler": "fused",
+                                    "models": {"student_transfer": {"AP": 2.0}}}}
+    assert "fused 2.0 (ablation uniform_x)" in report.check_claims(m, cfg)[3].detail
 
 
 def test_report_of_a_fresh_run_marks_missing_rows(tmp_path):
