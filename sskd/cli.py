@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar=("KEY", "VALUE"),
                      help="dotted config key and YAML value, e.g. -p stages.refine.enabled false")
     run.add_argument("--from", dest="from_stage", default=None,
-                     help="re-run this notebook and all later ones (e.g. 02 or adapt_teacher)")
+                     help="re-run this notebook and all later ones (e.g. 02 or adapt_teacher); "
+                          "without it, notebooks whose inputs changed re-run with all later ones")
     run.add_argument("--only", default=None, help="run only this notebook")
-    run.add_argument("--force", action="store_true", help="re-run completed notebooks too")
+    run.add_argument("--force", action="store_true",
+                     help="re-run every notebook, also those whose inputs are unchanged")
     run.add_argument("--runs-root", default="runs", help="parent dir of run dirs")
     run.add_argument("--notebooks-dir", default=None, help="dir of the NN_*.ipynb notebooks")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sskd.locking import RunDirLocked
     from sskd.runner import NotebookFailed, RunnerError, run_notebooks
 
     overrides: dict[str, Any] = {}
@@ -89,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except NotebookFailed as e:
         print(f"sskd run: {e}", file=sys.stderr)
         return 1
-    except (RunnerError, ConfigError) as e:
+    except (RunnerError, ConfigError, RunDirLocked) as e:
         print(f"sskd run: {e}", file=sys.stderr)
         return 2
     ran = sum(r.status == "ran" for r in results)

@@ -47,3 +47,22 @@ def update_metrics(path: str | Path, section: str, key: str | None, value: Any) 
             data.setdefault(section, {})[key] = value
         write_json_atomic(data, path, indent=2, sort_keys=True)
     return data
+
+
+def remove_metrics(path: str | Path, entries: dict[str, list[str] | tuple[str, ...]]) -> dict:
+    """Delete ``metrics[section][key]`` for every key listed under its section (missing ones are
+    ignored): what produced them was invalidated. Same lock as :func:`update_metrics`."""
+    import fcntl
+    path = Path(path)
+    if not path.is_file():
+        return read_metrics(path)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_metrics(path)
+        gone = [(s, k) for s, keys in entries.items() for k in keys
+                if isinstance(data.get(s), dict) and k in data[s]]
+        for section, key in gone:
+            del data[section][key]
+        if gone:
+            write_json_atomic(data, path, indent=2, sort_keys=True)
+    return data

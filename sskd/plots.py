@@ -19,21 +19,15 @@ from matplotlib.patches import Rectangle
 from pycocotools import mask as mask_utils
 
 from sskd.data.records import Dataset, ImageRecord, Instance
+from sskd import graph
 from sskd.rundir import MODEL_TAGS
 
 log = logging.getLogger("sskd")
 
-#: rows of the paper's Table 1 (docs/method.md): (model tag, label)
-TABLE1_ROWS = (
-    ("teacher_zero_shot", "zero-shot teacher"),
-    ("teacher_supervised", "teacher, supervised fine-tuning"),
-    ("teacher_adapted", "teacher, adapted (stage 1)"),
-    ("student_supervised", "student, supervised only"),
-    ("student_transfer", "student after stage 2"),
-    ("student_refined", "student after stage 3"),
-)
-#: display label of every model tag (Table 1 rows plus the stage-1a teacher)
-TAG_LABELS = {**dict(TABLE1_ROWS), "teacher_1a": "teacher after stage 1a"}
+#: rows of the results table (the paper's Table 1): (model tag, label), from the stage graph
+TABLE1_ROWS = graph.table1_rows()
+#: display label of every model tag
+TAG_LABELS = {m.tag: m.label for m in graph.MODELS}
 LOSS_TERMS = ("loss", "loss_sup", "loss_semi", "loss_pxl")
 EFFICIENCY_KEYS = (("params_M", "params (M)"), ("gflops", "GFLOPs"), ("latency_ms", "latency (ms)"),
                    ("throughput_img_s", "throughput (img/s)"), ("peak_mem_MB", "peak memory (MB)"))

@@ -19,11 +19,12 @@ from typing import Any, Mapping, Sequence
 from sskd.config import Config, ConfigError, parse_overrides, read_config
 from sskd.data.records import write_atomic
 from sskd.data.records import write_json_atomic
+from sskd.graph import stage_order
 from sskd.rundir import MODEL_TAGS, RunDir
 
 MISSING = "—"
 #: stage names of metrics.json "stages", in pipeline order (others follow alphabetically)
-STAGE_ORDER = ("teacher_pretrain", "student_pretrain", "zero_shot", "adapt_teacher", "transfer", "refine")
+STAGE_ORDER = stage_order()
 #: the claims need the student this many times smaller than the teacher (the paper: ~11x, docs/method.md)
 MIN_PARAM_RATIO = 10.0
 
@@ -193,10 +194,21 @@ def ablation_overrides(name: str, entry: Mapping[str, Any], cfg: Config | None) 
     return _flat(parse_overrides(ov)) if ov else {}
 
 
+def current_ablations(metrics: Mapping[str, Any], cfg: Config | None) -> dict[str, Any]:
+    """``metrics["ablations"]`` entries the config still has with the same overrides (a removed
+    or changed ablation's old numbers must not reach the report)."""
+    entries = metrics.get("ablations", {})
+    if cfg is None:
+        return dict(entries)
+    now = {n: parse_overrides(ov) for n, ov in cfg.ablations.items()}
+    return {n: e for n, e in entries.items()
+            if n in now and parse_overrides(e.get("overrides", cfg.ablations[n])) == now[n]}
+
+
 def ablations_section(metrics: Mapping[str, Any], cfg: Config | None) -> str:
     main = metrics.get("models", {})
     parts = []
-    for name, entry in metrics.get("ablations", {}).items():
+    for name, entry in current_ablations(metrics, cfg).items():
         ov = ablation_overrides(name, entry, cfg)
         models = entry.get("models", {})
         tags = [t for t in MODEL_TAGS if t in models]
@@ -239,13 +251,14 @@ def _params(metrics: Mapping[str, Any], tag: str, role: str) -> float | None:
 
 
 def _sampler_of(name: str, entry: Mapping[str, Any], cfg: Config | None) -> str | None:
+    """The sampler the ablation's child run used: recorded from its config, else its overrides
+    on top of the run's config (never guessed from the ablation's name)."""
+    if entry.get("sampler"):
+        return str(entry["sampler"])
     ov = ablation_overrides(name, entry, cfg)
     if "pixel_contrast.sampler" in ov:
         return str(ov["pixel_contrast.sampler"])
-    for s in ("uniform", "mask_only", "class_only", "fused"):
-        if s in name:
-            return s
-    return None
+    return cfg.pixel_contrast.sampler if cfg is not None else None
 
 
 #: seed-to-seed noise of one short CPU run (docs/method.md, 'Training on a CPU': +-3-4 AP) when the run's
@@ -394,7 +407,7 @@ def _fused_vs_uniform(metrics: Mapping[str, Any], cfg: Config | None,
     runs: dict[str, tuple[str, str, Mapping[str, dict]]] = {}
     main_sampler = cfg.pixel_contrast.sampler if cfg is not None else "fused"
     runs[main_sampler] = ("main run", "", metrics.get("models", {}))
-    for ab_name, entry in metrics.get("ablations", {}).items():
+    for ab_name, entry in current_ablations(metrics, cfg).items():
         s = _sampler_of(ab_name, entry, cfg)
         if s in ("fused", "uniform"):  # the main run wins for its own sampler
             runs.setdefault(s, (f"ablation {ab_name}", f"{ab_name}/", entry.get("models", {})))

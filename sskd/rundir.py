@@ -10,19 +10,21 @@
       logs/<stage>.jsonl               per-step metrics
       metrics.json                     evaluation of every model, keyed by tag
       notebooks/                       executed notebooks (papermill)
+      notebooks/.done/<notebook>.json  what an executed notebook's results depend on (sskd.runner)
       report/                          report.md, report.html, figures
+      .lock                            held by the process working on the run (sskd.locking)
 
-Tags used for models and their outputs (the rows of the paper's Table 1, docs/method.md):
-``teacher_zero_shot``, ``teacher_supervised``, ``teacher_1a``, ``teacher_adapted`` (1b),
-``student_supervised``, ``student_transfer`` (stage 2), ``student_refined`` (stage 3).
+Tags used for models and their outputs: ``MODEL_TAGS``, in pipeline order, from the stage graph
+(:mod:`sskd.graph`): ``teacher_zero_shot``, ``teacher_supervised``, ``teacher_1a``,
+``teacher_adapted`` (1b), ``student_supervised``, ``student_transfer`` (stage 2),
+``student_refined`` (stage 3).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_TAGS = ("teacher_zero_shot", "teacher_supervised", "teacher_1a", "teacher_adapted",
-              "student_supervised", "student_transfer", "student_refined")
+from sskd.graph import MODEL_TAGS  # noqa: F401  (re-exported: every module's tag order)
 
 
 class RunDir:
@@ -74,3 +76,7 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"

@@ -3,10 +3,21 @@
 The runner resolves the config (preset -> parameter file -> ``-p`` overrides), saves it as the
 run dir's ``config.yaml`` before the first notebook, then executes ``notebooks/NN_*.ipynb`` in
 order with the parameters ``{preset, run_name, runs_root, overrides}``. Executed copies go to
-``runs/<name>/notebooks/``; a completed notebook leaves a marker
-``runs/<name>/notebooks/.done/<stem>.json`` and is skipped on the next run (resume) unless
-``force`` is set or it is at/after ``from_stage``. Re-executing a notebook drops the markers of
-it and every later notebook, since their results depend on it.
+``runs/<name>/notebooks/``.
+
+Re-execution follows the inputs. A completed notebook leaves a marker
+``runs/<name>/notebooks/.done/<stem>.json`` holding what its results depend on: the config
+values the stage graph (:mod:`sskd.graph`) says it reads (its own stages, every earlier stage's
+and the shared keys such as ``data``, ``teacher``, ``pixel_contrast``, ``seed``) and its code
+cells. The next ``sskd run`` re-executes exactly the notebooks whose inputs changed, and every
+notebook after the first of them; the others are skipped. So ``-p stages.refine.train.steps 20``
+on a finished run re-runs 04 and 05, a stage-1 setting 02-05, nothing changed nothing (each
+stage's own fingerprint then skips the trainings whose inputs did not change). ``force`` re-runs
+everything, ``from_stage`` that notebook and all later ones, ``only`` one notebook. Re-executing
+a notebook drops the markers of it and every later notebook, since their results depend on it.
+
+The runner holds the run dir's lock (:mod:`sskd.locking`) while it works: a second ``sskd run``
+on the same run dir stops at once, naming the first one's PID.
 """
 
 from __future__ import annotations
@@ -21,22 +32,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sskd import config as config_mod
+from sskd import graph
 from sskd.config import (Config, config_hash, from_dict, load_config, read_config,
                          save_config, to_dict, validate)
+from sskd.locking import run_dir_lock
 from sskd.rundir import RunDir
 
 KERNEL_NAME = "python3"  # the venv's ipykernel (``python -m ipykernel install --sys-prefix``)
 NOTEBOOK_PATTERN = re.compile(r"^(\d+)_(.+)\.ipynb$")
+SOURCE_KEY = "<notebook code>"  # the inputs entry of a notebook's own code cells
 
-#: extra names accepted by --from/--only for the standard notebooks (stage function names)
-STAGE_ALIASES = {
-    "prepare_data": "00", "data": "00",
-    "zero_shot": "01", "zero_shot_teacher": "01",
-    "adapt_teacher": "02", "teacher_adaptation": "02",
-    "transfer": "03", "knowledge_transfer": "03",
-    "refine": "04", "student_refinement": "04",
-    "report": "05",
-}
+#: extra names accepted by --from/--only for the standard notebooks (the graph's step names)
+STAGE_ALIASES = graph.step_aliases()
 
 
 class RunnerError(RuntimeError):
@@ -193,7 +200,8 @@ def run_notebooks(run_name: str, preset: str | None = None, runs_root: str | Pat
     and ``params_file``/``overrides`` are applied on top (so a plain resume changes nothing).
     ``cwd`` is the kernels' working dir (default: the current one), so relative ``runs_root``
     and data paths resolve as they do for the caller. Raises :class:`NotebookFailed` at the
-    first failing notebook (later ones are not run) and :class:`RunnerError` on bad settings.
+    first failing notebook (later ones are not run), :class:`RunnerError` on bad settings and
+    :class:`sskd.locking.RunDirLocked` when another process works on the run dir.
     """
     if from_stage and only:
         raise RunnerError("give either --from or --only, not both")
@@ -203,45 +211,118 @@ def run_notebooks(run_name: str, preset: str | None = None, runs_root: str | Pat
 
     cwd = Path(cwd) if cwd else Path.cwd()
     run_dir = RunDir(cwd / runs_root / run_name)  # a relative runs_root means the kernels' cwd
-    if preset is None and run_dir.config.is_file():
-        cfg, nested = update_config(read_config(run_dir.config), run_name, str(runs_root),
-                                    params_file, overrides)
-        preset = cfg.preset
-    else:
-        preset = "demo" if preset is None else preset
-        cfg, nested = resolve_config(run_name, preset, str(runs_root), params_file, overrides)
-    _warn_config_change(run_dir, cfg, notebooks, echo)
-    save_config(cfg, run_dir.config)  # before the first notebook, as the notebooks read it
-    chash = _results_hash(cfg)
-    params = {"preset": preset, "run_name": run_name, "runs_root": str(runs_root),
-              "overrides": nested}
+    with run_dir_lock(run_dir.root, f"sskd run --name {run_name}", echo):
+        old = _read_old_config(run_dir)
+        if preset is None and old is not None:
+            cfg, nested = update_config(old, run_name, str(runs_root), params_file, overrides)
+            preset = cfg.preset
+        else:
+            preset = "demo" if preset is None else preset
+            cfg, nested = resolve_config(run_name, preset, str(runs_root), params_file, overrides)
+        save_config(cfg, run_dir.config)  # before the first notebook, as the notebooks read it
+        params = {"preset": preset, "run_name": run_name, "runs_root": str(runs_root),
+                  "overrides": nested}
+        inputs = [notebook_inputs(cfg, nb) for nb in notebooks]
+        changed = {i: why for i, nb in enumerate(notebooks)
+                   if (why := _changed(run_dir, nb, inputs[i], old, upgrade=not dry_run))}
+        first = min([*changed, start])  # every notebook after the first changed one re-runs
 
-    results: list[NotebookResult] = []
-    for i in selected:
-        nb = notebooks[i]
-        out = run_dir.notebooks / nb.name
-        done = _marker(run_dir, nb).is_file()
-        if done and not force and not only and i < start:
-            echo(f"[sskd] skip {nb.name} (completed; --force or --from {nb.stem} re-runs it)")
-            results.append(NotebookResult(nb.name, "skipped", 0.0, out))
-            continue
-        if dry_run:
-            echo(f"[sskd] would run {nb.name} -> {out}")
-            results.append(NotebookResult(nb.name, "planned", 0.0, out))
-            continue
-        for later in notebooks[i:]:  # results downstream of this notebook become stale
-            _marker(run_dir, later).unlink(missing_ok=True)
-        echo(f"[sskd] run {nb.name} -> {out}")
-        seconds = _execute(nb, out, params, kernel_name, cwd, log_output, progress_bar,
-                           resume_hint=f"fix it, then resume with: sskd run --name {run_name} "
-                                       f"--runs-root {runs_root} (completed notebooks are skipped)")
-        marker = _marker(run_dir, nb)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": round(seconds, 2), "config_hash": chash,
-                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        echo(f"[sskd] done {nb.name} in {seconds:.1f} s")
-        results.append(NotebookResult(nb.name, "ran", seconds, out))
-    return results
+        results: list[NotebookResult] = []
+        for i in selected:
+            nb = notebooks[i]
+            out = run_dir.notebooks / nb.name
+            why = ("--only" if only else "--force" if force else "--from" if i >= start
+                   else changed.get(i) or (f"after {notebooks[first].name}, which re-runs"
+                                           if i > first else ""))
+            if not why:
+                echo(f"[sskd] skip {nb.name} (completed, its inputs are unchanged)")
+                results.append(NotebookResult(nb.name, "skipped", 0.0, out))
+                continue
+            if dry_run:
+                echo(f"[sskd] would run {nb.name} -> {out} ({why})")
+                results.append(NotebookResult(nb.name, "planned", 0.0, out))
+                continue
+            for later in notebooks[i:]:  # results downstream of this notebook become stale
+                _marker(run_dir, later).unlink(missing_ok=True)
+            echo(f"[sskd] run {nb.name} -> {out} ({why})")
+            seconds = _execute(nb, out, params, kernel_name, cwd, log_output, progress_bar,
+                               resume_hint=f"fix it, then resume with: sskd run --name {run_name} "
+                                           f"--runs-root {runs_root} (notebooks that completed "
+                                           "with unchanged inputs are skipped)")
+            _write_marker(run_dir, nb, inputs[i], cfg, seconds)
+            echo(f"[sskd] done {nb.name} in {seconds:.1f} s")
+            results.append(NotebookResult(nb.name, "ran", seconds, out))
+        return results
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def notebook_inputs(cfg: Config, nb: Path) -> dict[str, Any]:
+    """What an executed notebook's results depend on: the config values the stage graph says it
+    reads (dotted keys, :func:`sskd.graph.notebook_inputs`) and a hash of its code cells."""
+    inputs = graph.notebook_inputs(to_dict(cfg), nb.stem)
+    inputs[SOURCE_KEY] = _source_hash(nb)
+    return inputs
+
+
+def _source_hash(nb: Path) -> str:
+    """Hash of a notebook's code cells, its parameters cell excluded (papermill replaces that)."""
+    cells = json.loads(nb.read_text()).get("cells", [])
+    code = ["".join(c.get("source", "")) for c in cells if c.get("cell_type") == "code"
+            and "parameters" not in c.get("metadata", {}).get("tags", [])]
+    return graph.inputs_hash({"code": code})
+
+
+def _read_old_config(run_dir: RunDir) -> Config | None:
+    if not run_dir.config.is_file():
+        return None
+    try:
+        return read_config(run_dir.config)
+    except Exception:  # noqa: BLE001 - a broken old config is simply replaced
+        return None
+
+
+def _changed(run_dir: RunDir, nb: Path, inputs: dict[str, Any], old: Config | None,
+             upgrade: bool) -> str:
+    """Why ``nb`` must run again ("" when its completed results still hold)."""
+    marker = _marker(run_dir, nb)
+    if not marker.is_file():
+        return "not completed yet"
+    if not (run_dir.notebooks / nb.name).is_file():
+        return "its executed copy is missing"
+    try:
+        done = json.loads(marker.read_text())
+    except (json.JSONDecodeError, OSError):
+        return f"its marker {marker} is unreadable"
+    if "inputs" not in done:  # a marker of an older sskd: the config it ran with is config.yaml
+        if old is None:
+            return "the config it ran with is unknown"
+        before = {**notebook_inputs(old, nb), SOURCE_KEY: inputs[SOURCE_KEY]}
+        if upgrade and graph.inputs_hash(before) == graph.inputs_hash(inputs):
+            _write_marker(run_dir, nb, inputs, old, done.get("seconds", 0.0), done.get("finished"))
+    else:
+        before = done.get("config", {})
+        if done["inputs"] == graph.inputs_hash(inputs):
+            return ""
+    diff = [k for k in sorted(set(before) | set(inputs)) if before.get(k) != inputs.get(k)]
+    if not diff:
+        return ""
+    shown = [f"{k} {before.get(k)!r} -> {inputs.get(k)!r}" if k != SOURCE_KEY
+             else "its code cells" for k in diff[:3]]
+    more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+    return "inputs changed: " + ", ".join(shown) + more
+
+
+def _write_marker(run_dir: RunDir, nb: Path, inputs: dict[str, Any], cfg: Config,
+                  seconds: float, finished: str | None = None) -> None:
+    from sskd.data.records import write_json_atomic
+    marker = _marker(run_dir, nb)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"seconds": round(seconds, 2), "config_hash": _results_hash(cfg),
+                       "finished": finished or time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       "inputs": graph.inputs_hash(inputs), "config": inputs}, marker,
+                      indent=1, sort_keys=True, default=str)
 
 
 def _execute(nb: Path, out: Path, params: dict, kernel_name: str, cwd: Path,
@@ -280,20 +361,3 @@ def _source_cell_index(executed: Path, cell_index: int) -> int:
 def _results_hash(cfg: Config) -> str:
     """Hash of what determines results: where the run dir lives (a moved runs root) does not."""
     return config_hash(dataclasses.replace(cfg, run_name="", runs_root=""))
-
-
-def _warn_config_change(run_dir: RunDir, cfg: Config, notebooks: list[Path],
-                        echo: Callable[[str], None]) -> None:
-    """Completed notebooks are skipped on resume; say so when the config has changed since."""
-    if not run_dir.config.is_file():
-        return
-    try:
-        old = read_config(run_dir.config)
-    except Exception:  # noqa: BLE001 - a broken old config is simply replaced
-        return
-    if _results_hash(old) == _results_hash(cfg):
-        return
-    done = [nb.stem for nb in notebooks if _marker(run_dir, nb).is_file()]
-    if done:
-        echo(f"[sskd] warning: the config of {run_dir.root} changed; completed notebooks "
-             f"{done} keep their old results (use --force or --from STAGE to recompute)")

@@ -16,6 +16,7 @@ import ipywidgets as W
 import numpy as np
 from matplotlib.figure import Figure
 
+from sskd import graph
 from sskd.config import Config
 from sskd.data.records import Dataset, ImageRecord
 
@@ -97,17 +98,11 @@ def pseudo_label_browser(records: Sequence[ImageRecord] | Dataset, gt: Dataset |
 
 # --------------------------------------------------------------------------- loss-weight picker
 
-#: the stages of the method (docs/method.md) whose loss weights the picker exposes
-WEIGHTED_STAGES = (("adapt_1a", "1a teacher on D_l"), ("adapt_1b", "1b teacher on D_l + D_u"),
-                   ("transfer", "2 transfer to student"), ("refine", "3 student refinement"))
+#: the paper's stages whose loss weights the picker exposes: (config key, label), from the graph
+WEIGHTED_STAGES = tuple((m.config_key, m.label) for m in graph.MODELS if m.kind == "stage")
 #: baselines the picker can switch on/off
-BASELINE_STAGES = (("teacher_supervised", "teacher, supervised baseline"),
-                   ("student_supervised", "student, supervised baseline"))
+BASELINE_STAGES = tuple((m.config_key, m.label) for m in graph.MODELS if m.kind == "baseline")
 SLIDER_MAX = {"l_semi": 2.0, "l_pxl": 1.0}  # slider ranges (the paper sweeps l_pxl up to 0.5)
-#: config stage -> the notebook (runner stage) that trains it, in pipeline order
-STAGE_NOTEBOOK = {"adapt_1a": "adapt_teacher", "adapt_1b": "adapt_teacher",
-                  "teacher_supervised": "adapt_teacher", "transfer": "transfer",
-                  "student_supervised": "transfer", "refine": "refine"}
 
 
 class LossWeightPicker(W.VBox):
@@ -167,17 +162,21 @@ class LossWeightPicker(W.VBox):
         lines = []
         for name, label in WEIGHTED_STAGES:
             state = self.objective(name) if self.enabled[name].value else "off"
-            lines.append(f"<li>{label}: {state}</li>")
+            lines.append(f"<li>{label} (<code>stages.{name}</code>): {state}</li>")
         for name, label in BASELINE_STAGES:
-            lines.append(f"<li>{label}: {'on' if self.enabled[name].value else 'off'}</li>")
+            lines.append(f"<li>{label} (<code>stages.{name}</code>): "
+                         f"{'on' if self.enabled[name].value else 'off'}</li>")
         ov = self.overrides
         cmd = " ".join(f"-p {k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in ov.items())
-        order = list(dict.fromkeys(STAGE_NOTEBOOK.values()))
-        first = min((order.index(STAGE_NOTEBOOK[k.split(".")[1]]) for k in ov), default=0)
+        # sskd run re-executes the notebook owning the first changed key and every later one
+        steps = [s.name for s in graph.STEPS]
+        first = min((steps.index(graph.config_step(k)) for k in ov), default=0)
+        nb = graph.STEPS[first].notebook
         self.summary.value = (
             "<ul>" + "".join(lines) + "</ul>"
             + (f"<p>overrides: <code>{ov}</code><br>batch: <code>sskd run --name {self.run_name} "
-               f"{cmd} --from {order[first]}</code></p>" if ov else "<p>no changes to the config</p>"))
+               f"{cmd}</code> (re-executes {nb} and the notebooks after it)</p>"
+               if ov else "<p>no changes to the config</p>"))
 
 
 def loss_weight_picker(cfg: Config, run_name: str | None = None) -> LossWeightPicker:

@@ -22,3 +22,17 @@ def test_two_processes_updating_the_same_file_keep_every_entry(tmp_path):
     models = read_metrics(path)["models"]
     assert len(models) == 80
     assert models["a39"] == {"AP": 39.0} and models["b0"] == {"AP": 0.0}
+
+
+def test_remove_metrics_drops_only_the_listed_entries(tmp_path):
+    from sskd.metrics import remove_metrics
+    path = tmp_path / "metrics.json"
+    assert remove_metrics(path, {"models": ["x"]})["models"] == {}  # no file: nothing to do
+    update_metrics(path, "models", "a", {"AP": 1.0})
+    update_metrics(path, "models", "b", {"AP": 2.0})
+    update_metrics(path, "pseudo_labels", "a", {"AP": 3.0})
+    update_metrics(path, "stages", "refine", {"seconds": 1.0})
+    remove_metrics(path, {"models": ["a", "missing"], "pseudo_labels": ["a"], "nope": ["a"]})
+    data = read_metrics(path)
+    assert data["models"] == {"b": {"AP": 2.0}} and data["pseudo_labels"] == {}
+    assert data["stages"] == {"refine": {"seconds": 1.0}}

@@ -90,13 +90,14 @@ def test_build_report_writes_all_files_with_exact_tables(run_dir):
 
 def test_every_table_1_comparison_is_graded(run_dir):
     m = json.loads(run_dir.metrics.read_text())
-    names = [c.name for c in report.check_claims(m, Config())]
+    cfg = Config(ablations={"uniform_negatives": {"pixel_contrast": {"sampler": "uniform"}}})
+    names = [c.name for c in report.check_claims(m, cfg)]
     assert len(names) == 7 and names[-1] == "fused negative sampling >= uniform"
     pairs = [(c.better, c.base) for c in report.COMPARISONS]
     assert pairs == [("teacher_adapted", "teacher_zero_shot"), ("teacher_adapted", "teacher_supervised"),
                      ("teacher_adapted", "teacher_1a"), ("student_transfer", "student_supervised"),
                      ("student_refined", "student_supervised"), ("student_refined", "teacher_adapted")]
-    assert [c.status for c in report.check_claims(m, Config())] == [
+    assert [c.status for c in report.check_claims(m, cfg)] == [
         "PASS", "WITHIN NOISE", "WITHIN NOISE", "PASS", "PASS", "PASS", "PASS"]
 
 
@@ -156,7 +157,7 @@ def test_claims_use_the_measured_seed_spread(run_dir):
 
 def test_teacher_claims_not_graded_without_pretrained_teacher(run_dir):
     m = json.loads(run_dir.metrics.read_text())
-    cfg = Config()
+    cfg = Config(ablations={"uniform_negatives": {"pixel_contrast": {"sampler": "uniform"}}})
     cfg.data.kind = "coco"                             # no stand-in, no teacher.weights
     assert not report.teacher_is_pretrained(cfg)
     c = report.check_claims(m, cfg)
@@ -172,6 +173,7 @@ def test_teacher_claims_not_graded_without_pretrained_teacher(run_dir):
 def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
     cfg = Config()
     cfg.pixel_contrast.sampler = "uniform"
+    cfg.ablations = {"neg": {"pixel_contrast.sampler": "fused"}}
     m = {"models": {"teacher_zero_shot": {"AP": 1.0}, "teacher_adapted": {"AP": 2.0},
                     "student_refined": {"AP": 2.5}, "student_transfer": {"AP": 3.0}},
          "efficiency": [{"model": "teacher", "params_M": 20.0}, {"model": "student", "params_M": 1.0}],
@@ -184,6 +186,15 @@ def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
     assert c[6].status == "WITHIN NOISE"
     assert c[6].detail.startswith("`student_transfer`: fused (ablation neg) 2.0 vs uniform "
                                   "(main run) 3.0 (-1.0 AP); 1 seed")
+    # an ablation the config no longer has (or has with other overrides) is not evidence
+    for ablations in ({}, {"neg": {"pixel_contrast.sampler": "mask_only"}}):
+        cfg.ablations = ablations
+        assert report.check_claims(m, cfg)[6].status == "SKIPPED"
+    # the sampler comes from what the child run recorded, never from the ablation's name
+    cfg.ablations = {"uniform_x": {"pixel_contrast.temperature": 0.1}}
+    m["ablations"] = {"uniform_x": {"overrides": cfg.ablations["uniform_x"], "sampler": "fused",
+                                    "models": {"student_transfer": {"AP": 2.0}}}}
+    assert "fused (ablation uniform_x) 2.0" in report.check_claims(m, cfg)[6].detail
 
 
 def test_report_of_a_fresh_run_marks_missing_rows(tmp_path):

@@ -71,12 +71,13 @@ def test_loss_weight_picker_overrides_follow_the_controls():
     p.sliders["transfer.l_pxl"].value = 0.2
     assert p.overrides == {"stages.transfer.l_pxl": 0.2}
     assert "0.20·L_pxl" in p.summary.value
-    assert "sskd run --name demo -p stages.transfer.l_pxl 0.2 --from transfer" in p.summary.value
+    assert "sskd run --name demo -p stages.transfer.l_pxl 0.2</code> (re-executes " \
+        "03_knowledge_transfer" in p.summary.value
 
     p.enabled["adapt_1b"].value = False
     assert p.overrides == {"stages.adapt_1b.enabled": False, "stages.transfer.l_pxl": 0.2}
-    assert "1b teacher on D_l + D_u: off" in p.summary.value
-    assert "--from adapt_teacher" in p.summary.value
+    assert "teacher, adapted (stage 1) (<code>stages.adapt_1b</code>): off" in p.summary.value
+    assert "re-executes 02_teacher_adaptation" in p.summary.value
 
     p.sliders["transfer.l_pxl"].value = cfg.stages.transfer.l_pxl  # back to the config value
     assert p.overrides == {"stages.adapt_1b.enabled": False}

@@ -30,6 +30,7 @@ from PIL import Image
 
 from sskd.data.records import Dataset, ImageRecord, Instance, iter_records_jsonl
 from sskd.inspect.database import ensure_database
+from sskd import graph
 from sskd.rundir import RunDir
 
 ensure_database()
@@ -39,16 +40,8 @@ log = logging.getLogger("sskd.inspect")
 
 GT_FIELD = "ground_truth"
 PREFIXES = {"pseudo_labels": "pl_", "predictions": "pred_"}
-# Stage that produces each model tag (sskd.rundir.MODEL_TAGS), used for "stage:<x>" tags.
-STAGE_OF_TAG = {
-    "teacher_zero_shot": "zero_shot",
-    "teacher_supervised": "baseline",
-    "teacher_1a": "stage1a",
-    "teacher_adapted": "stage1b",
-    "student_supervised": "baseline",
-    "student_transfer": "stage2",
-    "student_refined": "stage3",
-}
+# Stage that produces each model tag (from sskd.graph), used for "stage:<x>" tags.
+STAGE_OF_TAG = {m.tag: m.fiftyone_stage for m in graph.MODELS}
 STAGE_TAG_PREFIX = "stage:"
 
 

@@ -25,13 +25,13 @@ from sskd.data.records import Dataset
 from sskd.inspect.embeddings import compute_embeddings, compute_visualizations
 from sskd.inspect.fiftyone_export import GT_FIELD, PREFIXES, export_run, fo
 from sskd.inspect.views import build_views, default_pairs, label_fields
+from sskd import graph
 from sskd.rundir import RunDir
 
 log = logging.getLogger("sskd.inspect")
 
 # Model key -> checkpoint tags tried in order (first existing checkpoints/<tag>/model wins).
-EMBEDDING_MODELS = {"teacher": ("teacher_adapted", "teacher_1a"),
-                    "student": ("student_refined", "student_transfer")}
+EMBEDDING_MODELS = {role: graph.final_models(role) for role in ("teacher", "student")}
 
 
 def run_fields(run_dir: str | Path) -> dict[str, Path]:

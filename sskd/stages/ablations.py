@@ -8,15 +8,23 @@ tables report), stage 1 too when the overrides touch the teacher or ``stages.ada
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 
+from sskd import graph
 from sskd.config import from_dict, merge_dicts, nest_keys, save_config, to_dict, validate
-from sskd.metrics import read_metrics, update_metrics
+from sskd.metrics import read_metrics, remove_metrics, update_metrics
 from sskd.stages.pipeline import adapt_teacher, transfer
-from sskd.stages.run import Run, as_run, log
+from sskd.stages.run import Run, as_run, locked, log
 
-_TEACHER_KEYS = ("teacher", "stages.adapt_1a", "stages.adapt_1b", "stages.teacher_pretrain")
+#: config keys whose change re-runs stage 1 in the child: the teacher, its pretraining and the
+#: teacher's paper stages (the supervised baseline is off in child runs)
+TEACHER_KEYS = ("teacher", "stages.teacher_pretrain") + tuple(
+    f"stages.{m.config_key}" for m in graph.MODELS if m.role == "teacher" and m.kind == "stage")
+#: the child's own stage-1 teachers (re-run, or copied from the parent when not)
+_STAGE1 = tuple(m.tag for m in graph.MODELS if m.role == "teacher" and m.kind == "stage")
 
 
 def _flat_keys(d: dict, prefix: str = "") -> list[str]:
@@ -28,7 +36,8 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 def reruns_teacher(overrides: dict) -> bool:
     """Whether an ablation's overrides change stage 1 (else it reuses the parent's teacher)."""
-    return any(k.startswith(_TEACHER_KEYS) for k in _flat_keys(nest_keys(overrides)))
+    return any(k == t or k.startswith(t + ".") for k in _flat_keys(nest_keys(overrides))
+               for t in TEACHER_KEYS)
 
 
 def transfer_only_ablations(run: Run) -> list[str]:
@@ -36,8 +45,35 @@ def transfer_only_ablations(run: Run) -> list[str]:
     return [n for n, ov in run.cfg.ablations.items() if not reruns_teacher(ov)]
 
 
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mirror_file(src: Path, dst: Path) -> bool:
+    """Make ``dst`` a copy of ``src`` (same bytes), or remove it when ``src`` is missing.
+    Returns whether ``dst`` changed. The copy is written under a unique name, then renamed."""
+    if not src.is_file():
+        if dst.is_file():
+            dst.unlink()
+            return True
+        return False
+    if dst.is_file() and _sha(src) == _sha(dst):
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+    return True
+
+
 def ablation_run(run: Run, name: str, overrides: dict) -> tuple[Run, bool]:
-    """Create (or open) the child run of one ablation; returns it and whether stage 1 re-runs."""
+    """Create (or update) the child run of one ablation; returns it and whether stage 1 re-runs.
+
+    The child always follows the parent as it is now: its config is the parent's current one
+    plus the overrides, and its splits and the parent's pseudo-labels it reuses are copied again
+    whenever their content differs (a re-split or re-adapted parent). The stages then retrain
+    what these inputs changed (their fingerprints).
+    """
     nested = nest_keys(overrides)
     rerun_teacher = reruns_teacher(overrides)
     root = run.dir.root / "ablations"
@@ -50,25 +86,49 @@ def ablation_run(run: Run, name: str, overrides: dict) -> tuple[Run, bool]:
     validate(cfg)
     child = Run(type(run.dir)(root / name), cfg)
     save_config(cfg, child.dir.config)
-    for sub in ("splits",):
-        _copy_tree(run.dir.root / sub, child.dir.root / sub)
-    tags = ["teacher_zero_shot"] + ([] if rerun_teacher else ["teacher_1a", "teacher_adapted"])
-    for tag in tags:
-        src = run.dir.pseudo_labels(tag)
-        if src.is_file() and not child.dir.pseudo_labels(tag).is_file():
-            child.dir.pseudo_labels(tag).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, child.dir.pseudo_labels(tag))
+    for split in ("labeled", "unlabeled", "val"):
+        mirror_file(run.dir.split(split), child.dir.split(split))
+    reused = [m.tag for m in graph.MODELS if m.writes_pseudo_labels
+              and (m.kind == "zero_shot" or not rerun_teacher)]
+    for tag in reused:
+        if not rerun_teacher and tag in _STAGE1 and child.dir.checkpoint_dir(tag).is_dir():
+            _invalidate_child(child, tag)  # its own teacher from when it re-ran stage 1
+        if mirror_file(run.dir.pseudo_labels(tag), child.dir.pseudo_labels(tag)):
+            # not the child's own prediction: no sidecar may claim a model made it
+            child.dir.pseudo_labels(tag).with_name(f"{tag}.jsonl.fingerprint").unlink(
+                missing_ok=True)
+            log.info("ablation %s: %s pseudo-labels follow the parent's", name, tag)
     return child, rerun_teacher
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    if src.is_dir() and not dst.exists():
-        shutil.copytree(src, dst)
+def _invalidate_child(child: Run, tag: str) -> None:
+    from sskd.stages.common import _invalidate
+    _invalidate(child, tag)
 
 
+def drop_removed_ablations(run: Run) -> list[str]:
+    """Remove the child runs and ``metrics["ablations"]`` entries of ablations the config no
+    longer has, so they cannot feed the report's claims. Returns their names."""
+    entries = read_metrics(run.dir.metrics)["ablations"]
+    root = run.dir.root / "ablations"
+    dirs = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    gone = sorted((set(entries) | set(dirs)) - set(run.cfg.ablations))
+    for name in gone:
+        log.info("ablation %s is no longer in the config: removing its results", name)
+        shutil.rmtree(root / name, ignore_errors=True)
+    remove_metrics(run.dir.metrics, {"ablations": gone})
+    return gone
+
+
+@locked
 def run_ablations(run: Run | str | Path, names: list[str] | None = None, progress: bool = True) -> dict:
-    """Run every (or the named) ablation; results go to ``metrics["ablations"][name]``."""
+    """Run every (or the named) ablation; results go to ``metrics["ablations"][name]``.
+
+    Each entry records the overrides and the sampler the child actually used (from its config).
+    Ablations removed from the config lose their child run and metrics entry.
+    """
     run = as_run(run)
+    drop_removed_ablations(run)
     results = {}
     for name, overrides in run.cfg.ablations.items():
         if names is not None and name not in names:
@@ -81,12 +141,14 @@ def run_ablations(run: Run | str | Path, names: list[str] | None = None, progres
         transfer(child, progress=progress)
         m = read_metrics(child.dir.metrics)
         entry = {"overrides": overrides, "reran": (["adapt_teacher"] if rerun_teacher else []) + ["transfer"],
+                 "sampler": child.cfg.pixel_contrast.sampler,
                  "models": m["models"], "stages": m["stages"]}
         update_metrics(run.dir.metrics, "ablations", name, entry)
         results[name] = {t: {k: v[k] for k in ("AP", "AP50")} for t, v in m["models"].items()}
     return results
 
 
+@locked
 def measure_efficiency(run: Run | str | Path, image_size: int | None = None) -> list[dict]:
     """Teacher vs student params, FLOPs, latency, throughput, memory -> ``metrics["efficiency"]``."""
     from sskd.evaluation.efficiency import compare
@@ -96,8 +158,8 @@ def measure_efficiency(run: Run | str | Path, image_size: int | None = None) -> 
     from sskd.stages.data import load_datasets
     classes = load_datasets(run)["labeled"].classes
     models = {}
-    for role, tags in (("teacher", ["teacher_adapted", "teacher_1a"]),
-                       ("student", ["student_refined", "student_transfer"])):
+    for role in ("teacher", "student"):
+        tags = graph.final_models(role)
         found = next((run.dir.model_dir(t) for t in tags if run.dir.model_dir(t).is_dir()), None)
         mc = getattr(run.cfg, role)
         models[role] = load_model(found) if found else build_from_config(mc, list(classes))

@@ -200,11 +200,16 @@ def fingerprint(*parts: object) -> str:
 
 
 def _invalidate(run: Run, stage: str) -> None:
-    """Remove a stage's weights, state, log and the outputs of its model (they are stale)."""
+    """Remove a stage's weights, state, log and the outputs of its model (they are stale), and
+    the metrics.json entries of it and of every model derived from it (:mod:`sskd.graph`)."""
+    from sskd.graph import MODEL_TAGS, downstream
+    from sskd.metrics import remove_metrics
     shutil.rmtree(run.dir.checkpoint_dir(stage), ignore_errors=True)
     for p in (run.dir.log(stage), run.dir.predictions(stage), run.dir.pseudo_labels(stage)):
         for q in (p, p.with_name(p.name + ".partial"), p.with_name(p.name + ".fingerprint")):
             q.unlink(missing_ok=True)
+    stale = [stage, *(downstream(stage) if stage in MODEL_TAGS else ())]
+    remove_metrics(run.dir.metrics, {"models": stale, "pseudo_labels": stale, "stages": [stage]})
 
 
 def _read_fingerprint(fp_file: Path, stage: str) -> dict:

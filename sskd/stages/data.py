@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from sskd.data.records import Dataset
-from sskd.stages.run import Run, as_run, log
+from sskd.stages.run import Run, as_run, locked, log
 
 
 def _source_datasets(run: Run) -> dict[str, Dataset]:
@@ -47,6 +47,7 @@ def _extra_unlabeled(run: Run, train: Dataset) -> Dataset | None:
     return extra
 
 
+@locked
 def prepare_data(run: Run | str | Path) -> dict:
     """Generate/read the data and write ``splits/{labeled,unlabeled,val}.json`` (seeded)."""
     from sskd.data.splits import make_splits, write_split

@@ -7,15 +7,17 @@ stage can be re-run or resumed after a crash.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from sskd.stages.common import (StageTimer, evaluate_model, initial_student, is_standin,
-                                load_pseudo_labels, pretrained_teacher, pseudo_label,
+from sskd import graph
+from sskd.stages.common import (StageTimer, _invalidate, evaluate_model, initial_student,
+                                is_standin, load_pseudo_labels, pretrained_teacher, pseudo_label,
                                 student_is_standin, train_stage)
 from sskd.stages.checks import check_teacher_weights
 from sskd.stages.parallel import side_jobs
 from sskd.stages.data import load_datasets
-from sskd.stages.run import Run, as_run, log, set_threads
+from sskd.stages.run import Run, as_run, locked, log, set_threads
 from sskd.metrics import read_metrics
 
 
@@ -24,6 +26,32 @@ def _models_summary(run: Run, tags: list[str]) -> dict:
     return {t: {k: models[t][k] for k in ("AP", "AP50")} for t in tags if t in models}
 
 
+def _has_artifacts(run: Run, tag: str) -> bool:
+    d = run.dir
+    m = read_metrics(d.metrics)
+    return (d.checkpoint_dir(tag).is_dir() or d.predictions(tag).is_file() or d.log(tag).is_file()
+            or d.pseudo_labels(tag).is_file() or tag in m["models"]
+            or tag in m.get("pseudo_labels", {}))
+
+
+def drop_disabled(run: Run, step: str) -> None:
+    """Remove what the step's models left in the run dir when the config no longer produces them
+    (a disabled stage's old weights, predictions, pseudo-labels and metrics would otherwise feed
+    the report, the App and later stages). ``teacher_adapted`` with ``adapt_1b`` off is the 1a
+    teacher: only an old 1b checkpoint and log go."""
+    for m in graph.models_of(step):
+        if not graph.produces(run.cfg, m.tag):
+            if _has_artifacts(run, m.tag):
+                log.info("%s: disabled in the config, removing its old results", m.tag)
+                _invalidate(run, m.tag)
+        elif m.config_key and not graph.trains(run.cfg, m.tag) \
+                and run.dir.checkpoint_dir(m.tag).is_dir():
+            log.info("%s: stages.%s is off, removing its old checkpoint", m.tag, m.config_key)
+            shutil.rmtree(run.dir.checkpoint_dir(m.tag), ignore_errors=True)
+            run.dir.log(m.tag).unlink(missing_ok=True)
+
+
+@locked
 def zero_shot(run: Run | str | Path, progress: bool = True) -> dict:
     """Zero-shot teacher theta_T0: pseudo-label D_u and evaluate on val (row 1 of Table 1).
 
@@ -61,11 +89,13 @@ def _supervised_baseline(run: Run, role: str, progress: bool) -> dict:
     return _models_summary(run, [tag])
 
 
+@locked
 def teacher_supervised(run: Run | str | Path, progress: bool = True) -> dict:
     """Baseline: theta_T0 fine-tuned on D_l with L_sup only ("teacher, supervised" row)."""
     return _supervised_baseline(as_run(run), "teacher", progress)
 
 
+@locked
 def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
     """Stage 1: 1a (D_l + L_pxl) -> pseudo-labels -> 1b (re-init, D_l + pseudo D_u + L_pxl).
 
@@ -80,6 +110,7 @@ def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
     st = run.cfg.stages
     parts = run.cfg.teacher.trainable
     with StageTimer(run, "adapt_teacher"):
+        drop_disabled(run, "adapt_teacher")
         ds = load_datasets(run, with_source=True)
         lab, unl = ds["labeled"], ds["unlabeled"]
         adapted = None
@@ -105,16 +136,18 @@ def adapt_teacher(run: Run | str | Path, progress: bool = True) -> dict:
 
 
 def transfer_pseudo_tag(run: Run) -> str:
-    """Which teacher's pseudo-labels stage 2 distils (adapted when stage 1 ran)."""
-    return "teacher_adapted" if run.dir.pseudo_labels("teacher_adapted").is_file() \
-        else "teacher_zero_shot"
+    """Which teacher's pseudo-labels stage 2 distils: the adapted teacher's when the config runs
+    stage 1, else the zero-shot teacher's (decided by the config, never by an old file)."""
+    return graph.pseudo_label_source(run.cfg, "student_transfer")
 
 
+@locked
 def student_supervised(run: Run | str | Path, progress: bool = True) -> dict:
     """Baseline: the student trained on D_l with L_sup only ("student, supervised" row)."""
     return _supervised_baseline(as_run(run), "student", progress)
 
 
+@locked
 def transfer(run: Run | str | Path, progress: bool = True) -> dict:
     """Stage 2: the frozen teacher's pseudo-labels of D_u; student on L_sup + l_semi L_semi + l_pxl L_pxl.
 
@@ -127,6 +160,7 @@ def transfer(run: Run | str | Path, progress: bool = True) -> dict:
     set_threads()
     st = run.cfg.stages
     with StageTimer(run, "transfer"):
+        drop_disabled(run, "transfer")
         student_supervised(run, progress)
         if st.transfer.enabled:
             ds = load_datasets(run, with_source=student_is_standin(run))
@@ -139,6 +173,7 @@ def transfer(run: Run | str | Path, progress: bool = True) -> dict:
     return _models_summary(run, ["student_supervised", "student_transfer"])
 
 
+@locked
 def refine(run: Run | str | Path, progress: bool = True) -> dict:
     """Stage 3: fine-tune the stage-2 student on D_l only (removes residual pseudo-label bias)."""
     from sskd.models.base import load_model
@@ -146,6 +181,7 @@ def refine(run: Run | str | Path, progress: bool = True) -> dict:
     set_threads()
     st = run.cfg.stages
     with StageTimer(run, "refine"):
+        drop_disabled(run, "refine")
         ds = load_datasets(run)
         if st.refine.enabled:
             src = run.dir.model_dir("student_transfer")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from sskd.config import Config, load_config, read_config, save_config
+from sskd.locking import run_dir_lock
 from sskd.rundir import RunDir
 
 log = logging.getLogger("sskd")
@@ -62,6 +64,18 @@ def cpu_cores() -> int:
 def set_threads() -> None:
     """Use every core for intra-op parallelism (torch defaults may pick fewer in notebooks)."""
     torch.set_num_threads(max(1, cpu_cores()))
+
+
+def locked(stage: Callable) -> Callable:
+    """Decorate a stage function ``f(run, ...)``: it holds the run dir's lock while it runs, so
+    calling it from a notebook while ``sskd run`` works on the same run dir fails at once,
+    naming the runner's PID. Under ``sskd run`` (and in side processes) the lock is inherited."""
+    @functools.wraps(stage)
+    def wrapper(run: Run | str | Path, *args: Any, **kwargs: Any) -> Any:
+        run = as_run(run)
+        with run_dir_lock(run.dir.root, f"sskd.stages.{stage.__name__}"):
+            return stage(run, *args, **kwargs)
+    return wrapper
 
 
 def as_run(run: Run | str | Path) -> Run:

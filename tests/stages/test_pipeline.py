@@ -186,3 +186,56 @@ def test_the_run_seed_changes_every_stage_sampling_seed(tmp_path):
     s2 = run_train_config(_open(tmp_path, "s2", seed=2), tc).seed
     assert len({3, s1, s2}) == 3
     assert run_train_config(_open(tmp_path, "s1b", seed=1), tc).seed == s1  # reproducible
+
+
+@pytest.mark.slow
+def test_invalidation_disabled_stages_and_ablations_follow_the_config(tmp_path):
+    """Results never outlive what produced them: metrics entries go with their stage, a disabled
+    teacher adaptation leaves nothing behind, and ablation children follow their parent."""
+    from sskd.stages.pipeline import transfer_pseudo_tag
+    run = _open(tmp_path, workers=1)
+    prepare_data(run)
+    zero_shot(run, progress=False)
+    adapt_teacher(run, progress=False)
+    transfer(run, progress=False)
+    refine(run, progress=False)
+    run_ablations(run, progress=False)
+    m = read_metrics(run.dir.metrics)
+    child = run.dir.root / "ablations" / "uniform_negatives"
+    assert m["ablations"]["uniform_negatives"]["sampler"] == "uniform"  # from its config
+    assert (child / "pseudo_labels" / "teacher_adapted.jsonl").read_bytes() == \
+        run.dir.pseudo_labels("teacher_adapted").read_bytes()
+
+    # a new stage-1a schedule: 1a retrains, and every model derived from it loses its entry
+    # until its own stage runs again
+    run = open_run("r", runs_root=str(tmp_path / "runs"), overrides={"stages.adapt_1a.train.steps": 3})
+    adapt_teacher(run, progress=False)
+    m = read_metrics(run.dir.metrics)
+    assert {"teacher_1a", "teacher_adapted", "teacher_zero_shot"} <= set(m["models"])
+    assert "student_transfer" not in m["models"] and "student_refined" not in m["models"]
+    assert "student_supervised" in m["models"]  # not derived from the teacher
+    # the ablation child takes the parent's new pseudo-labels (it had a copy already)
+    run_ablations(run, progress=False)
+    assert (child / "pseudo_labels" / "teacher_adapted.jsonl").read_bytes() == \
+        run.dir.pseudo_labels("teacher_adapted").read_bytes()
+
+    # teacher adaptation off: its old models go, stage 2 distils the zero-shot pseudo-labels
+    run = open_run("r", runs_root=str(tmp_path / "runs"),
+                   overrides={"stages.adapt_1a.enabled": False})
+    assert transfer_pseudo_tag(run) == "teacher_zero_shot"
+    adapt_teacher(run, progress=False)
+    m = read_metrics(run.dir.metrics)
+    for tag in ("teacher_1a", "teacher_adapted"):
+        assert tag not in m["models"] and tag not in m["pseudo_labels"]
+        assert not run.dir.pseudo_labels(tag).exists() and not run.dir.checkpoint_dir(tag).exists()
+    transfer(run, progress=False)
+    fp = json.loads((run.dir.checkpoint_dir("student_transfer") / "fingerprint.json").read_text())
+    pl = load_datasets(run)  # noqa: F841 - the split is unchanged
+    from sskd.stages.common import fingerprint, load_pseudo_labels
+    zs = load_pseudo_labels(run, "teacher_zero_shot", ["circle", "rectangle", "triangle"])
+    assert fp["parts"]["pseudo_labeled"] == fingerprint(zs)
+
+    # an ablation removed from the config loses its child run and its metrics entry
+    run = open_run("r", runs_root=str(tmp_path / "runs"), overrides={"ablations": {}})
+    assert run_ablations(run, progress=False) == {}
+    assert not child.exists() and read_metrics(run.dir.metrics)["ablations"] == {}
