@@ -69,11 +69,11 @@ class InputGeometry:
         """``(h, w)`` of the training views."""
         return self.train_crop or (self.input_size, self.input_size)
 
-    def describe(self) -> dict:
-        """What changes the models' inputs (for stage fingerprints); the square mode is just its
-        side, so fingerprints of square runs stay what they were."""
+    def describe(self) -> int | dict:
+        """What changes the models' inputs (for stage fingerprints): the default square geometry
+        is just its side (as fingerprints always held it), any other a dict of its settings."""
         if not self.aspect and self.train_crop is None and self.scale_range == (0.75, 1.25):
-            return {"input_size": self.input_size}
+            return self.input_size
         return {"input_size": self.input_size, "test_short_side": self.test_short_side,
                 "train_crop": list(self.crop), "scale_range": list(self.scale_range)}
 
