@@ -81,7 +81,10 @@ class CrowdAwareMask2FormerLoss(Mask2FormerLoss):
                 pred_masks, lambda logits: self.calculate_uncertainty(logits), self.num_points,
                 self.oversample_ratio, self.importance_sample_ratio)
             labels = sample_point(target_masks, coords, align_corners=False).squeeze(1)
-            weights = 1.0 - sample_point(ignore, coords, align_corners=False).squeeze(1)
+            # border padding: a crowd touching the image edge stays fully ignored up to the edge
+            weights = 1.0 - sample_point(ignore, coords, align_corners=False,
+                                         padding_mode="border").squeeze(1)
+            weights = weights.masked_fill(weights < 1e-4, 0.0)  # 1 - (~1.0 in float) is 0
         logits = sample_point(pred_masks, coords, align_corners=False).squeeze(1)
         bce, dice = masked_point_losses(logits, labels, weights, num_masks)
         return {"loss_mask": bce, "loss_dice": dice}
