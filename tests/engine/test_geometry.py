@@ -94,3 +94,18 @@ def test_training_crops_keep_image_and_masks_aligned(tmp_path):
             else:
                 assert not bright.any()
     assert seen_object > 5
+
+
+def test_config_keys_build_the_geometry_and_are_checked():
+    import pytest
+    from sskd.config import ConfigError, load_config
+    cfg = load_config("cityscapes_10pct")
+    g = InputGeometry.from_config(cfg.data)
+    assert g.base_size(1024, 2048) == (1024, 2048) and g.crop == (518, 1036)
+    assert all(v % 14 == 0 for v in g.crop)  # the ViT-S/14 patch
+    demo = InputGeometry.from_config(load_config("demo").data)
+    assert not demo.aspect and demo.train_crop is None and demo.scale_range == (0.75, 1.25)
+    for bad in ({"data.train_crop": [512]}, {"data.scale_range": [2.0, 1.0]},
+                {"data.num_workers": -1}):
+        with pytest.raises(ConfigError, match="data\\."):
+            load_config("demo", bad)

@@ -95,3 +95,16 @@ def test_wrong_mask_size_and_non_cityscapes_classes_are_explained(tmp_path):
         evaluate_cityscapes(Dataset(gt.records[:1], gt.classes), [small])
     with pytest.raises(ValueError, match="not Cityscapes label names"):
         evaluate_cityscapes(Dataset(gt.records, ["circle"] * 8), [])
+
+
+def test_stages_record_it_beside_coco_ap_or_say_how_to_install(tmp_path, monkeypatch, caplog):
+    import sskd.evaluation.cityscapes_eval as cs
+    from sskd.stages.common import _cityscapes_ap
+    gt = _fixture(tmp_path)
+    res = _cityscapes_ap(gt, _perfect(gt, drop=(0, 2)), "student_refined")
+    assert res["cityscapes_AP"] == pytest.approx(87.5)
+    assert res["cityscapes_AP50"] == pytest.approx(87.5)
+    monkeypatch.setattr(cs, "cityscapes_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert _cityscapes_ap(gt, [], "student_refined") == {}
+    assert "pip install 'sskd[cityscapes]'" in caplog.text
