@@ -87,7 +87,15 @@ class DataConfig:
     labeled_fraction: float = 0.1     # share of the train set kept labeled (0 < f <= 1)
     split_seed: int = 0               # seed of the labeled/unlabeled split
     max_val: int = 0                  # evaluate on at most this many val images (0 = all)
-    input_size: int = 64              # images are resized to this square side for the models
+    input_size: int = 64              # square mode: images are resized to this side for the models
+    # > 0: keep the aspect ratio: the short side is scaled to this many px for prediction (padded
+    # to the patch multiple, predictions mapped back to the original size) and as the training
+    # base size; 0: square input_size x input_size
+    test_short_side: int = 0
+    train_crop: list = field(default_factory=list)  # [h, w] training crop in px (patch multiples); [] = input_size square
+    scale_range: list = field(default_factory=lambda: [0.75, 1.25])  # random training scale relative to the base size
+    num_workers: int = 0              # loader processes building training batches (0 = in the training process)
+    cache_mb: float = 2048.0          # bound of the decoded-image LRU cache in MB, split over the loader's processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -407,6 +415,16 @@ def validate(cfg: Config) -> None:
         if not sel or not all(isinstance(x, str) and x for x in sel):
             raise ConfigError(f"{role}.trainable must be a non-empty list of part names, "
                               f"'default' or 'all', got {sel!r} (docs/method.md, 'What trains')")
+    d = cfg.data
+    if d.train_crop and (len(d.train_crop) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in d.train_crop)):
+        raise ConfigError(f"data.train_crop must be [h, w] in px (positive ints) or [], got "
+                          f"{d.train_crop!r}")
+    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
+        raise ConfigError(f"data.scale_range must be [lo, hi] with 0 < lo <= hi, got "
+                          f"{d.scale_range!r}")
+    if d.test_short_side < 0 or d.num_workers < 0 or d.cache_mb < 0:
+        raise ConfigError("data.test_short_side, data.num_workers and data.cache_mb must be >= 0")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

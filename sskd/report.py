@@ -89,11 +89,14 @@ def results_table(models: Mapping[str, dict]) -> str:
     from sskd.plots import TABLE1_ROWS
 
     rows = []
+    official = any("cityscapes_AP" in (m or {}) for m in models.values())
     for tag, label in TABLE1_ROWS:
         m = models.get(tag) or {}
-        rows.append([label, f"`{tag}`", fmt(m.get("AP")), fmt(m.get("AP50")),
-                     fmt_params(m.get("params"))])
-    return markdown_table(["model", "tag", "AP", "AP50", "params"], rows)
+        rows.append([label, f"`{tag}`", fmt(m.get("AP")), fmt(m.get("AP50"))]
+                    + ([fmt(m.get("cityscapes_AP")), fmt(m.get("cityscapes_AP50"))] if official else [])
+                    + [fmt_params(m.get("params"))])
+    extra = ["Cityscapes AP", "Cityscapes AP50"] if official else []
+    return markdown_table(["model", "tag", "AP", "AP50", *extra, "params"], rows)
 
 
 def per_class_table(models: Mapping[str, dict]) -> str:
@@ -471,6 +474,10 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
                      "initialised network, so the teacher claims below are not graded. Set "
                      "`teacher.weights` to the foundation model's local weights.")
     parts += ["## Results (the paper's Table 1 shape, mask AP on val)", results_table(models)]
+    if cfg is not None and cfg.data.kind == "cityscapes" and not any(
+            "cityscapes_AP" in (m or {}) for m in models.values()):
+        from sskd.evaluation.cityscapes_eval import INSTALL_HINT
+        parts.append(f"The official Cityscapes AP was not computed: {INSTALL_HINT}.")
     if "teacher_1a" in models:
         m = models["teacher_1a"]
         parts.append(f"Teacher after stage 1a (`teacher_1a`): AP {fmt(m.get('AP'))}, "

@@ -262,3 +262,17 @@ def test_dataset_summary_counts_instances_per_class():
                   ImageRecord("b", 4, 4, 2, [Instance.from_mask(m, 1)])], ["x", "y"])
     md = report.dataset_summary({"labeled": ds, "val": ds.subset([2])})
     assert "| labeled | 2 | 3 | 1 | 2 |" in md and "| val | 1 | 1 | 0 | 1 |" in md
+
+
+def test_cityscapes_ap_column_and_install_line():
+    models = {"teacher_zero_shot": {**model(22.0, 42.3, 568_000_000), "cityscapes_AP": 19.25,
+                                    "cityscapes_AP50": 40.5}}
+    table = report.results_table(models)
+    assert "| AP | AP50 | Cityscapes AP | Cityscapes AP50 | params |" in table
+    assert "| 22.0 | 42.3 | 19.2 | 40.5 |" in table  # fmt rounds half to even
+    assert "Cityscapes AP" not in report.results_table({"teacher_zero_shot": model(1.0, 2.0, 3)})
+    cfg = Config()
+    cfg.data.kind = "cityscapes"
+    md = report.report_markdown(RunDir("/tmp/x"), cfg, {"models": {"teacher_zero_shot":
+                                                                   model(1.0, 2.0, 3)}}, {})
+    assert "The official Cityscapes AP was not computed: pip install 'sskd[cityscapes]'" in md

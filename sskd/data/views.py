@@ -6,12 +6,16 @@ view then gets photometric changes (colour jitter, grayscale, blur), which move 
 
 Geometry, in this order (all random numbers from the caller's ``torch.Generator``):
 
-1. the base resize of :func:`eval_view` (``H x W -> S x S``, ``S = out_size``), so scale 1 with
-   no flip and no crop reproduces exactly what the model sees at evaluation;
+1. the base resize (``H x W -> h0 x w0``): by default :func:`eval_view`'s square ``S x S``
+   (``S = out_size``); with ``base_size`` any size, e.g. the image with its short side scaled
+   and its aspect ratio kept. Scale 1 with no flip and no crop reproduces the evaluation input;
 2. horizontal flip with probability ``flip_p``;
-3. a random scale ``s ~ U(scale_range)``: the ``S x S`` image becomes ``round(sS) x round(sS)``;
-4. a random ``S x S`` window at a uniform offset: a crop when ``s > 1``, zero padding (the image
-   placed at a uniform position) when ``s < 1``. Padded pixels are reported in ``valid``.
+3. a random scale ``s ~ U(scale_range)``: the base image becomes ``round(s h0) x round(s w0)``;
+4. a random ``out_h x out_w`` window at a uniform offset per axis: a crop where the scaled
+   image is larger, zero padding (the image placed at a uniform position) where it is smaller.
+   Padded pixels are reported in ``valid``.
+
+A square ``out_size`` with no ``base_size`` is the original square pipeline, draw for draw.
 
 Masks follow the geometry with nearest-neighbour resizing; masks left empty are dropped and
 ``keep`` tells which input rows survived (filter labels with ``labels[keep]``).
@@ -32,11 +36,12 @@ __all__ = ["Views", "make_views", "eval_view"]
 class Views(NamedTuple):
     """Output of :func:`make_views` (``S = out_size``)."""
 
-    weak: torch.Tensor            # 3 x S x S float in [0, 1]: geometry only
-    strong: torch.Tensor          # 3 x S x S float in [0, 1]: same geometry + photometric ops
-    masks: torch.Tensor | None    # N' x S x S bool, the non-empty masks after the geometry
+    weak: torch.Tensor            # 3 x h x w float in [0, 1]: geometry only
+    strong: torch.Tensor          # 3 x h x w float in [0, 1]: same geometry + photometric ops
+    masks: torch.Tensor | None    # N' x h x w bool, the non-empty masks after the geometry
     keep: torch.Tensor | None     # N' long: indices of the kept input masks (labels[keep])
-    valid: torch.Tensor           # S x S bool: False on zero padding (no image content there)
+    valid: torch.Tensor           # h x w bool: False on zero padding (no image content there)
+    ignore: torch.Tensor | None = None  # h x w bool: crowd regions (neither object nor background)
 
 
 def _check_image(image: torch.Tensor, what: str = "image") -> None:
@@ -55,6 +60,14 @@ def _check_size(out_size: int) -> int:
     return int(out_size)
 
 
+def _check_hw(size: int | tuple[int, int] | list[int], what: str = "out_size") -> tuple[int, int]:
+    """An int ``S`` -> ``(S, S)``; ``(h, w)`` -> itself, both positive ints."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or any(int(v) != v or v < 1 for v in hw):
+        raise ValueError(f"{what} must be a positive int or [h, w] of positive ints, got {size!r}")
+    return int(hw[0]), int(hw[1])
+
+
 def eval_view(image: torch.Tensor, out_size: int) -> torch.Tensor:
     """``3 x H x W`` float -> ``3 x S x S`` (bilinear, antialiased resize only; ``S = out_size``)."""
     _check_image(image)
@@ -67,28 +80,33 @@ def _uniform(generator: torch.Generator, lo: float, hi: float) -> float:
     return float(lo + (hi - lo) * torch.rand((), generator=generator))
 
 
-def _geometry(generator: torch.Generator, out_size: int, scale_range: tuple[float, float],
-              flip_p: float) -> tuple[bool, int, int, int]:
-    """Draw (flip, scaled side, top, left); top/left < 0 means zero padding before the image."""
-    flip = bool(torch.rand((), generator=generator) < flip_p)
-    side = max(1, round(out_size * _uniform(generator, *scale_range)))
-    # Offset of the S x S window inside the scaled image: uniform over all windows (crop) or over
-    # all placements of the image inside the window (pad, negative offset).
-    span = side - out_size
+def _offset(generator: torch.Generator, span: int) -> int:
+    """Window offset along one axis: uniform over all windows (crop, ``span >= 0``) or over all
+    placements of the image inside the window (pad, negative offset)."""
     lo, hi = min(0, span), max(0, span)
-    top = lo + int(torch.randint(hi - lo + 1, (), generator=generator))
-    left = lo + int(torch.randint(hi - lo + 1, (), generator=generator))
-    return flip, side, top, left
+    return lo + int(torch.randint(hi - lo + 1, (), generator=generator))
 
 
-def _apply_geometry(x: torch.Tensor, flip: bool, side: int, top: int, left: int, out_size: int,
-                    interpolation: InterpolationMode) -> torch.Tensor:
-    """``C x S x S`` -> flipped, resized to ``side``, cropped/zero-padded to ``C x S x S``."""
+def _geometry(generator: torch.Generator, base: tuple[int, int], out: tuple[int, int],
+              scale_range: tuple[float, float],
+              flip_p: float) -> tuple[bool, tuple[int, int], int, int]:
+    """Draw (flip, scaled size, top, left); top/left < 0 means zero padding before the image."""
+    flip = bool(torch.rand((), generator=generator) < flip_p)
+    s = _uniform(generator, *scale_range)
+    size = (max(1, round(base[0] * s)), max(1, round(base[1] * s)))
+    top = _offset(generator, size[0] - out[0])
+    left = _offset(generator, size[1] - out[1])
+    return flip, size, top, left
+
+
+def _apply_geometry(x: torch.Tensor, flip: bool, size: tuple[int, int], top: int, left: int,
+                    out: tuple[int, int], interpolation: InterpolationMode) -> torch.Tensor:
+    """``C x h0 x w0`` -> flipped, resized to ``size``, cropped/zero-padded to ``C x out``."""
     if flip:
         x = TF.horizontal_flip(x)
     antialias = interpolation != InterpolationMode.NEAREST_EXACT
-    x = TF.resize(x, [side, side], interpolation=interpolation, antialias=antialias)
-    return TF.crop(x, top, left, out_size, out_size)  # out-of-bounds parts are zero-filled
+    x = TF.resize(x, list(size), interpolation=interpolation, antialias=antialias)
+    return TF.crop(x, top, left, out[0], out[1])  # out-of-bounds parts are zero-filled
 
 
 def _photometric(x: torch.Tensor, generator: torch.Generator, jitter: tuple[float, ...],
@@ -123,18 +141,21 @@ def _photometric(x: torch.Tensor, generator: torch.Generator, jitter: tuple[floa
 
 
 def make_views(image: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator, *,
-               out_size: int, scale_range: tuple[float, float] = (0.75, 1.25),
+               out_size: int | tuple[int, int], base_size: tuple[int, int] | None = None,
+               ignore: torch.Tensor | None = None, scale_range: tuple[float, float] = (0.75, 1.25),
                flip_p: float = 0.5, jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                gray_p: float = 0.2, blur_sigma: tuple[float, float] = (0.1, 2.0),
                blur_p: float = 0.5) -> Views:
-    """One image -> weak and strong ``3 x S x S`` views with identical geometry (``S = out_size``).
+    """One image -> weak and strong ``3 x h x w`` views with identical geometry.
 
     Args:
         image: ``3 x H x W`` float in ``[0, 1]``.
         masks: ``N x H x W`` bool instance masks (or ``None``); they follow the geometry.
         generator: the only source of randomness: same generator state -> same views.
-        out_size: side ``S`` of the square outputs.
-        scale_range: ``(lo, hi)`` of the random scale relative to the ``S x S`` eval resize.
+        out_size: ``S`` (square ``S x S`` outputs) or ``(h, w)``, the training crop.
+        base_size: ``(h0, w0)`` of the base resize (default: ``out_size``, square ``S x S``).
+        ignore: ``H x W`` bool crowd map (or ``None``); follows the geometry like a mask.
+        scale_range: ``(lo, hi)`` of the random scale relative to the base resize.
         flip_p: probability of a horizontal flip (both views).
         jitter: colour-jitter strengths (brightness, contrast, saturation, hue), strong view only;
             factors are drawn from ``[1 - v, 1 + v]`` (hue from ``[-v, v]``), applied in random order.
@@ -143,12 +164,13 @@ def make_views(image: torch.Tensor, masks: torch.Tensor | None, generator: torch
         blur_p: probability of blurring the strong view.
 
     Returns:
-        :class:`Views` ``(weak, strong, masks, keep, valid)``; ``masks``/``keep`` are ``None``
-        when ``masks`` is ``None``. Pixel ``(i, j)`` of ``weak``, ``strong``, ``masks`` and
-        ``valid`` all show the same point of the input image.
+        :class:`Views` ``(weak, strong, masks, keep, valid, ignore)``; ``masks``/``keep``
+        (``ignore``) are ``None`` when ``masks`` (``ignore``) is ``None``. Pixel ``(i, j)`` of
+        ``weak``, ``strong``, ``masks``, ``valid`` and ``ignore`` show the same input point.
     """
     _check_image(image)
-    s = _check_size(out_size)
+    out = _check_hw(out_size)
+    base = out if base_size is None else _check_hw(base_size, "base_size")
     lo, hi = scale_range
     if not 0 < lo <= hi:
         raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {scale_range!r}")
@@ -159,18 +181,29 @@ def make_views(image: torch.Tensor, masks: torch.Tensor | None, generator: torch
         raise ValueError(f"masks must be N x H x W with H x W = {tuple(image.shape[-2:])} (the "
                          f"image's), got {tuple(masks.shape)}")
 
-    flip, side, top, left = _geometry(generator, s, (lo, hi), flip_p)
-    base = eval_view(image, s)
-    weak = _apply_geometry(base, flip, side, top, left, s, InterpolationMode.BILINEAR).clamp(0, 1)
-    ones = torch.ones(1, s, s, dtype=torch.bool)
-    valid = _apply_geometry(ones, flip, side, top, left, s, InterpolationMode.NEAREST_EXACT)[0]
+    if ignore is not None and ignore.shape != image.shape[-2:]:
+        raise ValueError(f"ignore must be H x W = {tuple(image.shape[-2:])} (the image's), got "
+                         f"{tuple(ignore.shape)}")
+
+    flip, size, top, left = _geometry(generator, base, out, (lo, hi), flip_p)
+    nearest = InterpolationMode.NEAREST_EXACT
+    resized = TF.resize(image, list(base), interpolation=InterpolationMode.BILINEAR,
+                        antialias=True).clamp(0.0, 1.0)  # = eval_view for a square base
+    weak = _apply_geometry(resized, flip, size, top, left, out, InterpolationMode.BILINEAR)
+    weak = weak.clamp(0, 1)
+    ones = torch.ones(1, *base, dtype=torch.bool)
+    valid = _apply_geometry(ones, flip, size, top, left, out, nearest)[0]
     strong = _photometric(weak, generator, tuple(jitter), gray_p, blur_sigma, blur_p)
 
-    out_masks = keep = None
+    def follow(m: torch.Tensor) -> torch.Tensor:  # masks: nearest, no antialiasing
+        m = TF.resize(m.bool(), list(base), interpolation=nearest, antialias=False)
+        return _apply_geometry(m, flip, size, top, left, out, nearest)
+
+    out_masks = keep = out_ignore = None
     if masks is not None:
-        m = masks.bool()
-        m = TF.resize(m, [s, s], interpolation=InterpolationMode.NEAREST_EXACT, antialias=False)
-        m = _apply_geometry(m, flip, side, top, left, s, InterpolationMode.NEAREST_EXACT)
+        m = follow(masks)
         keep = m.flatten(1).any(1).nonzero().flatten()
         out_masks = m[keep]
-    return Views(weak, strong, out_masks, keep, valid)
+    if ignore is not None:
+        out_ignore = follow(ignore[None])[0]
+    return Views(weak, strong, out_masks, keep, valid, out_ignore)

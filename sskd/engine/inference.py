@@ -3,6 +3,12 @@
 Memory is constant in the number of images (nothing is accumulated), and a killed run resumes:
 lines already in ``<out>.partial`` are kept and their images skipped; the file is renamed to
 ``<out>`` only when every image is done, so a complete file is never half-written.
+
+Geometry (:class:`~sskd.engine.data.InputGeometry`): in square mode each image is resized to
+``input_size x input_size``; in aspect-preserving mode its short side is scaled to
+``test_short_side``, the batch is zero-padded bottom/right to the model's patch multiple, and
+each prediction is cropped to its image's extent. Either way the masks are resized back to the
+record's original ``height x width`` before they are written (evaluation happens there).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sskd.config import EvaluationConfig, PseudoLabelConfig
 from sskd.data.records import Dataset, ImageRecord, Instance
-from sskd.engine.data import SampleCache
+from sskd.engine.data import InputGeometry, SampleCache, pad_batch
 from sskd.models.base import Prediction, Segmenter
 
 
@@ -42,9 +48,16 @@ def _done_ids(partial: Path) -> set[int]:
     return ids
 
 
-def prediction_to_record(pred: Prediction, record: ImageRecord) -> ImageRecord:
-    """Masks at model resolution -> instances at the record's original resolution."""
+def prediction_to_record(pred: Prediction, record: ImageRecord,
+                         extent: tuple[int, int] | None = None) -> ImageRecord:
+    """Masks at model resolution -> instances at the record's original resolution.
+
+    ``extent``: ``(h, w)`` of the image inside a padded input; the masks (``N x H x W``) are
+    cropped to ``[:h, :w]`` before the resize (``None``: no padding).
+    """
     masks = pred.masks
+    if extent is not None:
+        masks = masks[:, :extent[0], :extent[1]]
     if masks.shape[0] and masks.shape[-2:] != (record.height, record.width):
         masks = F.interpolate(masks[None].float(), size=(record.height, record.width),
                               mode="nearest")[0].bool()
@@ -58,29 +71,36 @@ def prediction_to_record(pred: Prediction, record: ImageRecord) -> ImageRecord:
 @torch.no_grad()
 def iter_predictions(model: Segmenter, dataset: Dataset,
                      cfg: PseudoLabelConfig | EvaluationConfig, *,
-                     input_size: int, batch_size: int = 16, device: str | torch.device = "cpu",
-                     skip_ids: set[int] | None = None, cache: SampleCache | None = None,
-                     progress: bool = False, desc: str = "predict") -> Iterator[ImageRecord]:
-    """Yield one predicted :class:`ImageRecord` per image of ``dataset`` (in order)."""
+                     input_size: int = 64, batch_size: int = 16,
+                     device: str | torch.device = "cpu", skip_ids: set[int] | None = None,
+                     cache: SampleCache | None = None, progress: bool = False,
+                     desc: str = "predict",
+                     geometry: InputGeometry | None = None) -> Iterator[ImageRecord]:
+    """Yield one predicted :class:`ImageRecord` per image of ``dataset`` (in order), masks at
+    each record's original size. ``geometry`` overrides the square ``input_size``."""
     device = torch.device(device)
     model.to(device).eval()
-    cache = cache or SampleCache(input_size, max_items=2 * batch_size)  # constant memory
+    geometry = geometry or InputGeometry(int(input_size))
+    cache = cache or SampleCache(geometry, max_mb=0)  # each image is read once: cache nothing
+    multiple = int(getattr(model, "patch_size", 1) or 1)
     todo = [r for r in dataset.records if not skip_ids or r.image_id not in skip_ids]
     for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = todo[start:start + batch_size]
-        images = torch.stack([cache.image(r) for r in chunk]).to(device)
+        loaded = [cache.image(r) for r in chunk]
+        images = pad_batch(loaded, multiple if geometry.aspect else 1).to(device)
         # each model scores its own instances (Mask2Former: class x mask probability;
         # Grounding DINO + SAM: the box score), so go through its predict()
         preds = model.predict(images, score_threshold=cfg.score_threshold,
                               max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold)
-        for rec, pred in zip(chunk, preds):
-            yield prediction_to_record(pred, rec)
+        for rec, img, pred in zip(chunk, loaded, preds):
+            yield prediction_to_record(pred, rec, tuple(img.shape[-2:]))
 
 
 def predict_to_jsonl(model: Segmenter, dataset: Dataset, out_path: str | Path,
-                     cfg: PseudoLabelConfig | EvaluationConfig, *, input_size: int, batch_size: int = 16,
-                     device: str | torch.device = "cpu", progress: bool = False,
-                     desc: str = "predict") -> Path:
+                     cfg: PseudoLabelConfig | EvaluationConfig, *, input_size: int = 64,
+                     batch_size: int = 16, device: str | torch.device = "cpu",
+                     progress: bool = False, desc: str = "predict",
+                     geometry: InputGeometry | None = None) -> Path:
     """Stream predictions of every image to ``out_path`` (JSON lines), resumable.
 
     Returns ``out_path``; if it already exists the work is considered done and nothing runs.
@@ -94,7 +114,8 @@ def predict_to_jsonl(model: Segmenter, dataset: Dataset, out_path: str | Path,
     with open(partial, "a") as f:
         for n, rec in enumerate(iter_predictions(model, dataset, cfg, input_size=input_size,
                                                  batch_size=batch_size, device=device,
-                                                 skip_ids=done, progress=progress, desc=desc)):
+                                                 skip_ids=done, progress=progress, desc=desc,
+                                                 geometry=geometry)):
             f.write(json.dumps(rec.to_dict()) + "\n")
             if n % 64 == 63:
                 f.flush()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import io
 import itertools
 import logging
@@ -33,6 +32,9 @@ import numpy as np  # noqa: E402
 from detectron2.structures import Instances  # noqa: E402
 
 from sskd.data.records import Dataset, ImageRecord, Instance  # noqa: E402
+# the numpy-2 shims of cityscapesscripts live with sskd's own (detectron2-free) Cityscapes AP
+from sskd.evaluation.cityscapes_eval import INSTALL_HINT, cityscapes_available  # noqa: E402,F401
+from sskd.evaluation.cityscapes_eval import cityscapes_numpy2 as _cityscapes_numpy2  # noqa: E402
 from sskd.integrations.detectron2_convert import record_to_instances  # noqa: E402
 from sskd.integrations.detectron2_data import register_dataset, unregister  # noqa: E402
 
@@ -40,11 +42,6 @@ log = logging.getLogger(__name__)
 
 _COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _counter = itertools.count()
-
-
-def cityscapes_available() -> bool:
-    """True when ``cityscapesscripts`` (needed by the Cityscapes evaluator) is importable."""
-    return importlib.util.find_spec("cityscapesscripts") is not None
 
 
 def _check_predictions(gt: Dataset, pred: Dataset | Sequence[ImageRecord]) -> dict[int, ImageRecord]:
@@ -166,40 +163,6 @@ _INTERNAL = "deeplearning.projects.cityscapesApi.cityscapesscripts"
 
 
 @contextlib.contextmanager
-def _cityscapes_numpy2(workdir: str):
-    """Run cityscapesscripts (2.3.0, written for numpy 1) under numpy 2, in ``workdir``.
-
-    Scoped workarounds, all undone on exit: ``np.in1d`` (removed in numpy 2.4) is provided;
-    its JSON writer gets a fallback for numpy scalars (numpy 2 returns them where numpy 1 gave
-    Python ints); the current directory is ``workdir`` because it writes ``matches.json`` there.
-    """
-    import json
-
-    import numpy as np
-    ev = importlib.import_module("cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling")
-
-    def write_json(obj, file_name):
-        def default(o):
-            return o.item() if isinstance(o, np.generic) else o.__dict__
-        with open(file_name, "w") as f:
-            f.write(json.dumps(obj, default=default, sort_keys=True, indent=4))
-
-    added_in1d = not hasattr(np, "in1d")
-    if added_in1d:
-        np.in1d = lambda a, b, assume_unique=False, invert=False: np.isin(  # flattened, as in1d
-            a, b, assume_unique=assume_unique, invert=invert).ravel()
-    writer = ev.writeDict2JSON
-    ev.writeDict2JSON = write_json
-    try:
-        with contextlib.chdir(workdir):
-            yield
-    finally:
-        ev.writeDict2JSON = writer
-        if added_in1d:
-            del np.in1d
-
-
-@contextlib.contextmanager
 def _cityscapes_import_alias():
     """Make ``cityscapesscripts`` importable under the path some detectron2 versions use.
 
@@ -247,8 +210,8 @@ def _default_gt_dir(gt: Dataset) -> Path:
 
 def _cityscapes(gt: Dataset, by_id: dict[int, ImageRecord], name: str, gt_dir: str | Path | None) -> dict:
     if not cityscapes_available():
-        raise ImportError("the Cityscapes evaluator needs cityscapesscripts: "
-                          "`pip install cityscapesscripts` (or use evaluator='coco')")
+        raise ImportError(f"the Cityscapes evaluator needs cityscapesscripts: {INSTALL_HINT} "
+                          "(or use evaluator='coco')")
     from cityscapesscripts.helpers.labels import name2label
     unknown = [c for c in gt.classes if c not in name2label]
     if unknown:

@@ -28,7 +28,9 @@ from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_for_object_detection import generalized_box_iou
 from transformers.loss.loss_grounding_dino import sigmoid_focal_loss
 from transformers.models.mask2former.modeling_mask2former import (
-    Mask2FormerLoss, pair_wise_dice_loss, pair_wise_sigmoid_cross_entropy_loss, sample_point)
+    pair_wise_dice_loss, pair_wise_sigmoid_cross_entropy_loss, sample_point)
+
+from sskd.losses.crowd import CrowdAwareMask2FormerLoss, ignore_maps
 
 
 @dataclass
@@ -45,11 +47,12 @@ class LossWeights:
 
 
 @lru_cache(maxsize=8)
-def _mask_criterion(num_points: int) -> Mask2FormerLoss:
-    """Mask2Former's loss object, used only for ``loss_masks`` (point sampling + BCE + dice)."""
+def _mask_criterion(num_points: int) -> CrowdAwareMask2FormerLoss:
+    """Mask2Former's loss object, used only for ``loss_masks`` (point sampling + BCE + dice;
+    points on crowd regions left out, see :mod:`sskd.losses.crowd`)."""
     cfg = Mask2FormerConfig(num_labels=1, train_num_points=num_points, oversample_ratio=3.0,
                             importance_sample_ratio=0.75)
-    return Mask2FormerLoss(cfg, weight_dict={})
+    return CrowdAwareMask2FormerLoss(cfg, weight_dict={})
 
 
 def masks_to_boxes_cxcywh(masks: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,8 @@ def set_prediction_loss(class_logits: torch.Tensor, pred_boxes: torch.Tensor,
     """Losses of a batch: ``class_logits`` ``B x Q x (C+1)`` (last column = no-object, unused:
     the class loss is per-class sigmoid focal), ``pred_boxes`` ``B x Q x 4`` cxcywh in [0, 1],
     ``mask_logits`` ``B x Q x h x w``, ``iou_scores`` ``B x Q``; ``targets`` as in
-    :mod:`sskd.models.base` (masks ``N x H x W``, labels ``N``).
+    :mod:`sskd.models.base` (masks ``N x H x W``, labels ``N``, optional ``ignore`` ``H x W``
+    crowd regions: no target, and left out of the mask and mask-quality losses).
 
     Returns ``loss_class, loss_bbox, loss_giou, loss_mask, loss_dice, loss_iou`` and the
     weighted total ``loss``. Sums are normalised by the number of target instances (>= 1).
@@ -152,12 +156,16 @@ def set_prediction_loss(class_logits: torch.Tensor, pred_boxes: torch.Tensor,
         losses["loss_bbox"] = F.l1_loss(src, tgt, reduction="sum") / num
         giou = generalized_box_iou(center_to_corners_format(src), center_to_corners_format(tgt))
         losses["loss_giou"] = (1 - torch.diag(giou)).sum() / num
-        m = _mask_criterion(num_points).loss_masks(
-            mask_logits.float(), tgt_masks, [(q.to(logits.device), t.to(logits.device))
-                                             for q, t in indices], num)
+        ignore = ignore_maps(targets)
+        with _mask_criterion(num_points).ignoring(ignore) as crit:
+            m = crit.loss_masks(mask_logits.float(), tgt_masks,
+                                [(q.to(logits.device), t.to(logits.device)) for q, t in indices],
+                                num)
         losses["loss_mask"], losses["loss_dice"] = m["loss_mask"], m["loss_dice"]
         matched = [tm[t.to(tm.device)] for tm, (_, t) in zip(tgt_masks, indices)]
-        losses["loss_iou"] = _iou_loss(mask_logits[bi, qi], iou_scores[bi, qi], matched, num)
+        crowd = None if ignore is None else torch.stack(ignore).to(logits.device)[bi] > 0.5
+        losses["loss_iou"] = _iou_loss(mask_logits[bi, qi], iou_scores[bi, qi], matched, num,
+                                       crowd)
     losses["loss"] = (w.cls * losses["loss_class"] + w.bbox * losses["loss_bbox"]
                       + w.giou * losses["loss_giou"] + w.mask * losses["loss_mask"]
                       + w.dice * losses["loss_dice"] + w.iou * losses["loss_iou"])
@@ -165,12 +173,15 @@ def set_prediction_loss(class_logits: torch.Tensor, pred_boxes: torch.Tensor,
 
 
 def _iou_loss(mask_logits: torch.Tensor, iou_pred: torch.Tensor, tgt_masks: list[torch.Tensor],
-              num: int) -> torch.Tensor:
-    """MSE between predicted and actual IoU of the matched masks (``M x h x w`` vs targets)."""
+              num: int, crowd: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between predicted and actual IoU of the matched masks (``M x h x w`` vs targets);
+    ``crowd``: ``M x H x W`` bool pixels that count for neither (crowd regions)."""
     tgt = torch.cat(tgt_masks) > 0.5                                     # M x H x W
     with torch.no_grad():
         pred = F.interpolate(mask_logits[:, None].float(), size=tgt.shape[-2:], mode="bilinear",
                              align_corners=False)[:, 0] > 0
+        if crowd is not None:
+            pred = pred & ~crowd
         inter = (pred & tgt).flatten(1).sum(1).float()
         union = (pred | tgt).flatten(1).sum(1).float()
         actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))

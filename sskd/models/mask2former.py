@@ -34,9 +34,10 @@ import torch
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
-    Mask2FormerLoss, Mask2FormerMaskedAttentionDecoderLayer, Mask2FormerPixelDecoder,
+    Mask2FormerMaskedAttentionDecoderLayer, Mask2FormerPixelDecoder,
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, Mask2FormerTransformerModule)
 
+from sskd.losses.crowd import CrowdAwareMask2FormerLoss, ignore_maps
 from sskd.models.base import Segmenter, SegmenterOutput, register_model
 from sskd.models.dpt_neck import DPTNeck
 from sskd.models.heads import ProjectionHead, ema_update
@@ -166,7 +167,7 @@ class Mask2FormerSegmenter(Segmenter):
         self.pixel_decoder = Mask2FormerPixelDecoder(m2f, feature_channels=list(cfg["neck_channels"]))
         self.transformer = Mask2FormerTransformerModule(in_features=cfg["feature_size"], config=m2f)
         self.class_head = nn.Linear(cfg["hidden_dim"], self.num_classes + 1)
-        self.criterion = Mask2FormerLoss(m2f, weight_dict={})
+        self.criterion = CrowdAwareMask2FormerLoss(m2f, weight_dict={})  # crowd: ignored points
         self.loss_weights = {"loss_cross_entropy": float(cfg["class_weight"]),
                              "loss_mask": float(cfg["mask_weight"]),
                              "loss_dice": float(cfg["dice_weight"])}
@@ -240,7 +241,8 @@ class Mask2FormerSegmenter(Segmenter):
         """Set-prediction loss with deep supervision.
 
         ``targets``: ``B`` dicts ``{"masks": N x H x W, "labels": N}`` (``N`` may be 0; masks at
-        any resolution, usually the input's). Returns ``loss`` (weighted sum over the final and
+        any resolution, usually the input's), optionally ``"ignore": H x W`` bool crowd regions
+        (left out of the mask losses' sampled points). Returns ``loss`` (weighted sum over the final and
         every auxiliary prediction) and the final layer's unweighted ``loss_ce``, ``loss_mask``,
         ``loss_dice``.
         """
@@ -264,9 +266,11 @@ class Mask2FormerSegmenter(Segmenter):
         # matching costs and point losses in float32 even inside an AMP region (fp16 matmuls
         # of the pair-wise BCE/dice costs lose precision and can overflow)
         with torch.autocast(device_type=device.type, enabled=False):
-            raw = self.criterion(masks_queries_logits=outputs.mask_logits.float(),
-                                 class_queries_logits=outputs.class_logits.float(),
-                                 mask_labels=masks, class_labels=labels, auxiliary_predictions=aux)
+            with self.criterion.ignoring(ignore_maps(targets)):  # crowd regions, if any
+                raw = self.criterion(masks_queries_logits=outputs.mask_logits.float(),
+                                     class_queries_logits=outputs.class_logits.float(),
+                                     mask_labels=masks, class_labels=labels,
+                                     auxiliary_predictions=aux)
         total = outputs.class_logits.new_zeros((), dtype=torch.float32)
         for key, value in raw.items():
             base = key if key in self.loss_weights else key.rsplit("_", 1)[0]

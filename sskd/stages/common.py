@@ -17,6 +17,7 @@ import torch
 
 from sskd.config import ModelConfig, StageConfig, TrainConfig, config_hash, to_dict
 from sskd.data.records import Dataset, iter_records_jsonl, write_json_atomic
+from sskd.engine.data import InputGeometry
 from sskd.engine.inference import predict_to_jsonl
 from sskd.engine.trainer import Objective, TrainPaths, train
 from sskd.metrics import read_metrics, update_metrics
@@ -50,6 +51,17 @@ def student_is_standin(run: Run) -> bool:
     s = run.cfg.student
     return (s.name == "mask2former" and not s.weights and run.cfg.data.kind == "synthetic"
             and run.cfg.stages.student_pretrain.steps > 0)
+
+
+def input_geometry(run: Run) -> InputGeometry:
+    """How the run sizes images (``data.input_size`` / ``test_short_side`` / ``train_crop``)."""
+    return InputGeometry.from_config(run.cfg.data)
+
+
+def _loader_kwargs(run: Run) -> dict:
+    """train() arguments of the input pipeline (they never change the numbers)."""
+    return {"geometry": input_geometry(run), "num_workers": run.cfg.data.num_workers,
+            "cache_mb": run.cfg.data.cache_mb}
 
 
 def run_train_config(run: Run, tc: TrainConfig) -> TrainConfig:
@@ -135,8 +147,8 @@ def _pretrained_standin(run: Run, role: str, mc: ModelConfig, pretrain, root: Pa
             model = build_from_config(mc, datasets["labeled"].classes, pretrain.seed)
             t0 = time.perf_counter()
             train(model, datasets["source"], paths, pretrain, Objective(),
-                  input_size=run.cfg.data.input_size, device=run.device, progress=progress,
-                  desc=f"{role} pretrain (corpus)")
+                  device=run.device, progress=progress, desc=f"{role} pretrain (corpus)",
+                  **_loader_kwargs(run))
             update_metrics(run.dir.metrics, "stages", stage,
                            {"seconds": round(time.perf_counter() - t0, 1), "done": True,
                             "cached": False})
@@ -235,7 +247,7 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     trainable = trainable_parts(model, trainable)
     parts = {"stage_config": sc, "seed": run.cfg.seed, "trainable": list(trainable),
              "pixel_contrast": run.cfg.pixel_contrast, "pseudo_label": run.cfg.pseudo_label,
-             "input_size": run.cfg.data.input_size, "initial_weights": model,
+             "input_size": input_geometry(run).describe(), "initial_weights": model,
              "labeled": labeled, "pseudo_labeled": unlabeled or []}
     part_fps = {k: fingerprint(v) for k, v in parts.items()}
     fp = fingerprint(part_fps)
@@ -256,7 +268,7 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
                     pseudo_label=run.cfg.pseudo_label)
     train(model, labeled, paths, run_train_config(run, sc.train), obj,
           unlabeled=unlabeled if sc.l_semi > 0 or (unlabeled is not None and sc.l_pxl > 0) else None,
-          input_size=run.cfg.data.input_size, device=run.device, progress=progress, desc=stage)
+          device=run.device, progress=progress, desc=stage, **_loader_kwargs(run))
     return load_model(paths.model_dir)
 
 
@@ -265,15 +277,15 @@ def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str,
     """predict_to_jsonl, recomputed when the model, the images or the thresholds changed."""
     # only what changes the predictions (not e.g. the report's evaluation.seed_noise_ap)
     fp = fingerprint(model, dataset, [thresholds.score_threshold, thresholds.max_instances,
-                                      thresholds.mask_threshold], run.cfg.data.input_size)
+                                      thresholds.mask_threshold], input_geometry(run).describe())
     side = out.with_name(out.name + ".fingerprint")
     if not side.is_file() or side.read_text() != fp:
         for q in (out, out.with_name(out.name + ".partial")):
             q.unlink(missing_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         side.write_text(fp)
-    return predict_to_jsonl(model, dataset, out, thresholds,
-                            input_size=run.cfg.data.input_size, device=run.device, desc=desc)
+    return predict_to_jsonl(model, dataset, out, thresholds, geometry=input_geometry(run),
+                            device=run.device, desc=desc)
 
 
 def evaluate_model(run: Run, model: Segmenter, tag: str, val: Dataset) -> dict:
@@ -283,9 +295,24 @@ def evaluate_model(run: Run, model: Segmenter, tag: str, val: Dataset) -> dict:
     preds = list(iter_records_jsonl(path))
     res = evaluate_masks(val, preds)
     res["params"] = model.num_parameters()
+    if run.cfg.data.kind == "cityscapes":
+        res.update(_cityscapes_ap(val, preds, tag))
     update_metrics(run.dir.metrics, "models", tag, res)
     log.info("%s: AP %.1f AP50 %.1f", tag, res["AP"], res["AP50"])
     return res
+
+
+def _cityscapes_ap(val: Dataset, preds: list, tag: str) -> dict:
+    """The official Cityscapes AP beside COCO's (``cityscapes_AP``, ``cityscapes_AP50``); without
+    the optional extra, one log line says how to install it and nothing is recorded."""
+    from sskd.evaluation.cityscapes_eval import (INSTALL_HINT, cityscapes_available,
+                                                 evaluate_cityscapes)
+    if not cityscapes_available():
+        log.warning("%s: official Cityscapes AP skipped: %s", tag, INSTALL_HINT)
+        return {}
+    cs = evaluate_cityscapes(val, preds)
+    log.info("%s: Cityscapes AP %.1f AP50 %.1f", tag, cs["AP"], cs["AP50"])
+    return {"cityscapes_AP": cs["AP"], "cityscapes_AP50": cs["AP50"]}
 
 
 def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Dataset:
