@@ -313,10 +313,11 @@ def teacher_is_pretrained(cfg: Config | None) -> bool:
     randomly initialised network and the teacher claims mean nothing). Unknown config: True."""
     if cfg is None:
         return True
+    from sskd.stages.checks import missing_teacher_weights
     t = cfg.teacher
     standin = (t.name == "mask2former" and cfg.data.kind == "synthetic"
                and cfg.stages.teacher_pretrain.steps > 0)
-    return bool(t.weights) or standin
+    return standin or not missing_teacher_weights(t)
 
 
 def read_seed_noise(run_dir: RunDir) -> dict[int, dict[str, float]]:
@@ -385,8 +386,8 @@ def check_claims(metrics: Mapping[str, Any], cfg: Config | None = None,
     claims = []
     for c in COMPARISONS:
         if c.teacher and not pretrained:
-            claims.append(Claim(c.name, "NOT GRADED", "the teacher has no pretrained weights "
-                                "(`teacher.weights` is empty): its zero-shot row is a random network"))
+            claims.append(Claim(c.name, "NOT GRADED", "the teacher has no pretrained weights: "
+                                "its zero-shot row is a random network"))
             continue
         status, detail = _compare(c, ap, seeds, noise)
         if c.key == "refined_vs_adapted_teacher" and status != "SKIPPED":
@@ -469,10 +470,12 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
     parts = [f"# sskd report: run `{run_dir.name}`",
              f"preset `{preset}`, built {time.strftime('%Y-%m-%d %H:%M')}, from `{run_dir.root}`."]
     if not teacher_is_pretrained(cfg):
-        parts.append("**The teacher has no pretrained weights** (`teacher.weights` is empty and "
-                     "it is not the offline stand-in): its \"zero-shot\" row is a randomly "
-                     "initialised network, so the teacher claims below are not graded. Set "
-                     "`teacher.weights` to the foundation model's local weights.")
+        from sskd.stages.checks import missing_teacher_weights
+        empty = ", ".join(f"`{s}`" for s, _ in missing_teacher_weights(cfg.teacher))
+        parts.append(f"**The teacher has no pretrained weights** ({empty} empty, and it is not "
+                     "the offline stand-in): its \"zero-shot\" row is a randomly initialised "
+                     "network, so the teacher claims below are not graded. Set those keys to the "
+                     "foundation model's local weights (README, 'Your own data').")
     parts += ["## Results (the paper's Table 1 shape, mask AP on val)", results_table(models)]
     if cfg is not None and cfg.data.kind == "cityscapes" and not any(
             "cityscapes_AP" in (m or {}) for m in models.values()):

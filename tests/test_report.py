@@ -168,6 +168,10 @@ def test_teacher_claims_not_graded_without_pretrained_teacher(run_dir):
     cfg.teacher.weights = "weights/teacher"
     assert report.teacher_is_pretrained(cfg)
     assert report.check_claims(m, cfg)[0].status == "PASS"
+    cfg.teacher.name, cfg.teacher.weights = "grounded_sam", ""      # weights live in its options
+    assert not report.teacher_is_pretrained(cfg)
+    cfg.teacher.options = {"detector_weights": "w/gdino", "sam_weights": "w/sam2"}
+    assert report.teacher_is_pretrained(cfg)
 
 
 def test_fused_claim_when_main_run_is_uniform_and_params_from_efficiency():
