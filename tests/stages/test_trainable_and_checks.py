@@ -1,6 +1,8 @@
 """What trains in each stage (teacher.trainable / student.trainable), and the checks a stage runs
 before it trains: a real-data teacher without pretrained weights stops the run."""
 
+import dataclasses
+
 import pytest
 
 import sskd.stages.common as common
@@ -53,7 +55,7 @@ def test_trainable_parts_per_stage_mask2former(tmp_path, trained):
                "class_head": 132, "projection_head": 1584}      # tiny, 3 classes
     teacher = {k: v for k, v in student.items() if k != "encoder"}
     assert trained == {
-        "teacher pretrain (source)": student, "student pretrain (source)": student,
+        "teacher pretrain (corpus)": student, "student pretrain (corpus)": student,
         "teacher_1a": teacher, "teacher_adapted": teacher, "teacher_supervised": teacher,
         "student_supervised": student, "student_transfer": student, "student_refined": student}
 
@@ -122,9 +124,11 @@ def test_real_data_teacher_without_weights_is_an_error_naming_the_setting():
         assert part in msg
     with pytest.raises(ConfigError, match=r"^teacher.options.sam_weights is empty"):
         check_teacher_weights(_coco_cfg(**{"teacher.options.sam_weights": ""}))
+    m2f = _coco_cfg()
+    m2f.teacher = dataclasses.replace(m2f.teacher, name="mask2former", size="teacher_paper",
+                                      options={})           # grounded_sam's options do not apply
     with pytest.raises(ConfigError, match=r"^teacher.weights is empty: the mask2former teacher"):
-        check_teacher_weights(_coco_cfg(**{"teacher.name": "mask2former",
-                                           "teacher.size": "teacher_paper"}))
+        check_teacher_weights(m2f)
     check_teacher_weights(_coco_cfg())                                    # the preset's weights
     check_teacher_weights(_coco_cfg(**no_weights, **{"teacher.allow_random_init": True}))
     check_teacher_weights(load_config("smoke"))           # synthetic: the kit's stand-in teacher
