@@ -410,21 +410,6 @@ def validate(cfg: Config) -> None:
     errors = problems(cfg)
     if errors:
         raise ConfigError("invalid config value(s):\n  " + "\n  ".join(errors))
-    for role in ("teacher", "student"):
-        sel = getattr(cfg, role).trainable
-        if not sel or not all(isinstance(x, str) and x for x in sel):
-            raise ConfigError(f"{role}.trainable must be a non-empty list of part names, "
-                              f"'default' or 'all', got {sel!r} (docs/method.md, 'What trains')")
-    d = cfg.data
-    if d.train_crop and (len(d.train_crop) != 2 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in d.train_crop)):
-        raise ConfigError(f"data.train_crop must be [h, w] in px (positive ints) or [], got "
-                          f"{d.train_crop!r}")
-    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
-        raise ConfigError(f"data.scale_range must be [lo, hi] with 0 < lo <= hi, got "
-                          f"{d.scale_range!r}")
-    if d.test_short_side < 0 or d.num_workers < 0 or d.cache_mb < 0:
-        raise ConfigError("data.test_short_side, data.num_workers and data.cache_mb must be >= 0")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

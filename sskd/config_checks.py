@@ -108,6 +108,9 @@ def _train(c: _Checker, key: str, tc, min_steps: int, hint: str = "") -> None:
 
 
 def _model(c: _Checker, key: str, mc) -> None:
+    c.need(bool(mc.trainable) and all(isinstance(x, str) and x for x in mc.trainable),
+           f"{key}.trainable", mc.trainable,
+           "a non-empty list of part names, 'default' or 'all' (docs/method.md, 'What trains')")
     models = known_models()
     c.choice(f"{key}.name", mc.name, models)
     if mc.name in MODEL_SIZES:
@@ -126,7 +129,8 @@ def _thresholds(c: _Checker, key: str, t) -> None:
 
 def _synthetic(c: _Checker, s) -> None:
     from sskd.config import ConfigError
-    from sskd.data.synthetic import validate_domain   # numpy + PIL only
+    from sskd.data.synthetic import (BACKGROUNDS, PALETTES, corpus_domains,  # numpy + PIL only
+                                     validate_domain)
     for key in ("n_source", "n_train", "n_val"):
         c.at_least(f"data.synthetic.{key}", getattr(s, key), 1)
     c.at_least("data.synthetic.seed", s.seed, 0)
@@ -136,6 +140,26 @@ def _synthetic(c: _Checker, s) -> None:
                             where=f"{c.prefix}data.synthetic.{key}")
         except ConfigError as e:
             c.errors.append(str(e).removeprefix("config key "))
+    for key, names in (("corpus_backgrounds", BACKGROUNDS), ("corpus_palettes", PALETTES)):
+        values = getattr(s, key)
+        c.need(all(v in names for v in values), f"data.synthetic.{key}", values,
+               "a list of " + " | ".join(names))
+    try:
+        corpus_domains(s)          # both lists or neither, and not only the target's pair
+    except ConfigError as e:
+        c.errors.append(f"{c.prefix}{str(e).removeprefix('config keys ')}")
+
+
+def _geometry(c: _Checker, d) -> None:
+    """The input geometry keys (:class:`sskd.engine.data.InputGeometry`)."""
+    c.need(not d.train_crop or (len(d.train_crop) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in d.train_crop)),
+        "data.train_crop", d.train_crop, "[h, w] in px (positive ints) or []")
+    c.need(len(d.scale_range) == 2 and all(_finite(v) for v in d.scale_range)
+           and 0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range", d.scale_range,
+           "[lo, hi] with 0 < lo <= hi")
+    for key in ("test_short_side", "num_workers", "cache_mb"):
+        c.at_least(f"data.{key}", getattr(d, key), 0)
 
 
 def problems(cfg, prefix: str = "") -> list[str]:
@@ -151,6 +175,7 @@ def problems(cfg, prefix: str = "") -> list[str]:
     c.at_least("data.split_seed", d.split_seed, 0)
     c.at_least("data.max_val", d.max_val, 0, " (0 = all)")
     c.at_least("data.input_size", d.input_size, 1)
+    _geometry(c, d)
     _synthetic(c, d.synthetic)
     _model(c, "teacher", cfg.teacher)
     _model(c, "student", cfg.student)

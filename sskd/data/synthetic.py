@@ -243,6 +243,13 @@ def _object_colors(palette: dict, bg_colors: np.ndarray) -> np.ndarray:
     return obj[keep] if keep.any() else obj[[int(dist.argmax())]]
 
 
+def _jittered(color: np.ndarray, cfg: SyntheticDomainConfig, rng: np.random.Generator) -> np.ndarray:
+    """``color`` with the domain's per-object uniform RGB jitter (no draw when it is 0)."""
+    if not cfg.color_jitter:
+        return color
+    return np.clip(color + rng.uniform(-cfg.color_jitter, cfg.color_jitter, 3), 0, 255)
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -271,10 +278,7 @@ def render_image(domain_cfg: SyntheticDomainConfig, image_size: int, classes: Se
         out = _rasterize(geom, cx, cy, rng.uniform(0, 2 * np.pi), radius, size)
         if out is not None:
             ys, xs, m = out
-            color = obj_colors[int(rng.integers(len(obj_colors)))]
-            if cfg.color_jitter:
-                color = np.clip(color + rng.uniform(-cfg.color_jitter, cfg.color_jitter, 3), 0, 255)
-            img[ys, xs][m] = color
+            img[ys, xs][m] = _jittered(obj_colors[int(rng.integers(len(obj_colors)))], cfg, rng)
 
     label = np.full((size, size), -1, dtype=np.int16)  # index of the visible instance per pixel
     full_area: list[int] = []       # in-image pixels of each instance when nothing covers it
@@ -321,9 +325,7 @@ def render_image(domain_cfg: SyntheticDomainConfig, image_size: int, classes: Se
             under = {color_idx[int(i)] for i in np.nonzero(lost)[0]}
             choices = [c for c in range(len(obj_colors)) if c not in under] or list(range(len(obj_colors)))
             cidx = choices[int(rng.integers(len(choices)))]
-            color = obj_colors[cidx]
-            if cfg.color_jitter:
-                color = np.clip(color + rng.uniform(-cfg.color_jitter, cfg.color_jitter, 3), 0, 255)
+            color = _jittered(obj_colors[cidx], cfg, rng)
             idx = len(visible)
             label[ys, xs][m] = idx
             visible = list(left) + [area]

@@ -101,7 +101,7 @@ def test_freeze_encoder_is_replaced_by_trainable(tmp_path):
     with pytest.raises(ConfigError, match="teacher.freeze_encoder was replaced by "
                                           "teacher.trainable"):
         load_config("smoke", overrides=["teacher.freeze_encoder=true"])
-    with pytest.raises(ConfigError, match="student.trainable must be a non-empty list"):
+    with pytest.raises(ConfigError, match=r"student.trainable = \[\]: must be a non-empty list"):
         load_config("smoke", overrides=["student.trainable=[]"])
 
 
