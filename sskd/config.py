@@ -49,6 +49,10 @@ class SyntheticDomainConfig:
     # may leave out things a foundation model detects
     distractor_shapes: list = field(default_factory=list)
     distractors: int = 0              # such unlabelled objects per image
+    # Fill of the instances: "flat" (one colour) or "stripes" (the instance colour alternating
+    # with a darker shade of it, random period and angle per instance): a style the corpus never
+    # shows, so a foundation model meets something new in the target
+    object_texture: str = "flat"
 
 
 @dataclass

@@ -41,6 +41,7 @@ GENERATOR_VERSION = 1
 MARKER = "COMPLETE.json"
 SHAPES = ("circle", "rectangle", "triangle", "ellipse", "star", "cross")
 BACKGROUNDS = ("flat", "gradient", "stripes", "noise", "clutter")
+TEXTURES = ("flat", "stripes")  # instance fills
 
 # Palettes: object colours (drawn independently of the class) and background colours.
 # Objects keep a minimum RGB distance from the background colours so they stay visible.
@@ -80,6 +81,8 @@ def validate_domain(cfg: SyntheticDomainConfig, classes: Sequence[str], image_si
         raise ConfigError(f"config key data.synthetic.image_size must be >= 16, got {image_size}")
     if cfg.background not in BACKGROUNDS:
         raise bad("background", f"must be one of {list(BACKGROUNDS)}, got {cfg.background!r}")
+    if cfg.object_texture not in TEXTURES:
+        raise bad("object_texture", f"must be one of {list(TEXTURES)}, got {cfg.object_texture!r}")
     if cfg.background == "clutter" and cfg.clutter < 1:
         raise bad("clutter", "background 'clutter' needs clutter >= 1 distractor blobs")
     if cfg.clutter < 0:
@@ -250,6 +253,20 @@ def _jittered(color: np.ndarray, cfg: SyntheticDomainConfig, rng: np.random.Gene
     return np.clip(color + rng.uniform(-cfg.color_jitter, cfg.color_jitter, 3), 0, 255)
 
 
+def _paint_stripes(img: np.ndarray, label: np.ndarray, colors: list[np.ndarray],
+                   rng: np.random.Generator) -> None:
+    """Stripe each instance in place: every other band of ``period`` px (random angle and
+    period per instance) takes a darker shade of the instance colour."""
+    size = img.shape[0]
+    coords = np.arange(size, dtype=np.float32) + 0.5
+    for i, color in enumerate(colors):
+        a = rng.uniform(0, np.pi)
+        period = rng.uniform(3.0, 6.0)
+        proj = coords[None, :] * np.cos(a) + coords[:, None] * np.sin(a)
+        band = (np.floor(proj / (period / 2)) % 2 == 1) & (label == i)
+        img[band] = color * 0.55
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -339,6 +356,8 @@ def render_image(domain_cfg: SyntheticDomainConfig, image_size: int, classes: Se
     if colors:
         fg = label >= 0
         img[fg] = np.stack(colors)[label[fg]]
+        if cfg.object_texture == "stripes":
+            _paint_stripes(img, label, colors, rng)
     if cfg.noise_std:
         img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(cfg.noise_std)
     out_img = np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -345,3 +345,31 @@ def test_distractors_are_painted_but_never_annotated():
         validate_domain(dataclasses.replace(dom, distractor_shapes=["circle"]), classes, 64)
     with pytest.raises(ConfigError, match="distractors"):
         validate_domain(dataclasses.replace(dom, distractor_shapes=[]), classes, 64)
+
+
+def test_striped_instances_keep_their_masks_and_the_flat_rendering():
+    """``object_texture: stripes`` repaints inside the masks only (two shades per instance),
+    after every other draw, so shapes, masks and background match the flat rendering."""
+    from sskd.config import SyntheticDomainConfig
+    from sskd.data.synthetic import validate_domain
+    flat = SyntheticDomainConfig(background="flat", palette="primary", min_objects=2, max_objects=3)
+    striped = dataclasses.replace(flat, object_texture="stripes")
+    for i in range(6):
+        img_f, inst_f = render_image(flat, 64, CLASSES, _rng(3, i))
+        img_s, inst_s = render_image(striped, 64, CLASSES, _rng(3, i))
+        assert len(inst_f) == len(inst_s) >= 2
+        fg = np.zeros((64, 64), bool)
+        for (c_f, m_f), (c_s, m_s) in zip(inst_f, inst_s):
+            assert c_f == c_s and np.array_equal(m_f, m_s)      # same shapes, same masks
+            fg |= m_s
+            colours = np.unique(img_s[m_s].reshape(-1, 3), axis=0)
+            flat_colour = img_f[m_f][0].astype(np.float32)
+            assert len(np.unique(img_f[m_f].reshape(-1, 3), axis=0)) == 1
+            if m_s.sum() >= 40:                                  # big enough to hold both bands
+                assert len(colours) == 2
+                dark = colours[np.argmin(colours.sum(1))].astype(np.float32)
+                assert np.allclose(dark, np.rint(flat_colour * 0.55), atol=1)
+        assert np.array_equal(img_s[~fg], img_f[~fg])           # background untouched
+        assert not np.array_equal(img_s[fg], img_f[fg])
+    with pytest.raises(ConfigError, match="object_texture"):
+        validate_domain(dataclasses.replace(flat, object_texture="dots"), CLASSES, 64)
