@@ -171,6 +171,10 @@ class EvaluationConfig:
     score_threshold: float = 0.0      # keep predictions with score >= this
     max_instances: int = 100          # COCO's maxDets: at most this many per image
     mask_threshold: float = 0.5       # binarise mask probabilities at this value
+    # COCO instance protocol (Mask2Former's): masks of the kept (query, class) pairs may overlap.
+    # false: each pixel to one instance, as pseudo-labels (lowers AP: a query's second class
+    # hypothesis and lower-scored duplicates are dropped instead of ranked)
+    overlapping_masks: bool = True
     # AP difference below which the report calls a claim WITHIN NOISE: one short CPU run's
     # seed-to-seed spread (docs/method.md, 'Training on a CPU': 3-4 AP); measure yours with
     # benchmarks/seed_noise.py

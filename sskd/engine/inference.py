@@ -91,7 +91,8 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
         # each model scores its own instances (Mask2Former: class x mask probability;
         # Grounding DINO + SAM: the box score), so go through its predict()
         preds = model.predict(images, score_threshold=cfg.score_threshold,
-                              max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold)
+                              max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold,
+                              overlapping=bool(getattr(cfg, "overlapping_masks", False)))
         for rec, img, pred in zip(chunk, loaded, preds):
             yield prediction_to_record(pred, rec, tuple(img.shape[-2:]))
 

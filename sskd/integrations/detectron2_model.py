@@ -368,8 +368,9 @@ class Detectron2Segmenter(Segmenter):
     # ------------------------------------------------------------------------------ predict
     @torch.no_grad()
     def predict(self, images: torch.Tensor, score_threshold: float = 0.3, max_instances: int = 100,
-                mask_threshold: float = 0.5) -> list[Prediction]:
-        """detectron2 inference -> one :class:`Prediction` per image (non-overlapping masks)."""
+                mask_threshold: float = 0.5, overlapping: bool = False) -> list[Prediction]:
+        """detectron2 inference -> one :class:`Prediction` per image (masks overlap only with
+        ``overlapping``, as for COCO evaluation)."""
         H, W = (int(v) for v in images.shape[-2:])
         predictor = self.detector.roi_heads.box_predictor
         saved = (predictor.test_score_thresh, predictor.test_topk_per_image)
@@ -387,7 +388,7 @@ class Detectron2Segmenter(Segmenter):
             scores, order = inst.scores.float().sort(descending=True)
             masks = paste_masks_in_image(inst.pred_masks[order, 0], inst.pred_boxes[order], (H, W),
                                          threshold=mask_threshold)
-            masks = resolve_overlaps(masks.bool())
+            masks = masks.bool() if overlapping else resolve_overlaps(masks.bool())
             keep = masks.flatten(1).any(1)
             out.append(Prediction(masks[keep], inst.pred_classes[order][keep].long(),
                                   scores[keep].clamp(0, 1)))

@@ -116,11 +116,15 @@ class Segmenter(nn.Module, ABC):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, score_threshold: float = 0.3, max_instances: int = 100,
-                mask_threshold: float = 0.5) -> list[Prediction]:
-        """``B x 3 x H x W`` -> one :class:`Prediction` per image (non-overlapping masks)."""
+                mask_threshold: float = 0.5, overlapping: bool = False) -> list[Prediction]:
+        """``B x 3 x H x W`` -> one :class:`Prediction` per image.
+
+        ``overlapping=False``: each pixel belongs to at most one instance (pseudo-labels, views);
+        ``True``: every kept (query, class) pair keeps its whole mask, as COCO instance AP expects.
+        """
         out = self.forward_eval(images)
         return postprocess_instances(out.class_logits, out.mask_logits, images.shape[-2:],
-                                     score_threshold, max_instances, mask_threshold)
+                                     score_threshold, max_instances, mask_threshold, overlapping)
 
     def param_groups(self, lr: float, backbone_lr_mult: float) -> list[dict]:
         """AdamW parameter groups: encoder parameters get ``lr * backbone_lr_mult``."""
@@ -244,12 +248,16 @@ class Segmenter(nn.Module, ABC):
 
 def postprocess_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                           image_size: tuple[int, int], score_threshold: float = 0.3,
-                          max_instances: int = 100, mask_threshold: float = 0.5) -> list[Prediction]:
-    """Mask2Former-style instance inference with overlaps resolved (each pixel <= 1 instance).
+                          max_instances: int = 100, mask_threshold: float = 0.5,
+                          overlapping: bool = False) -> list[Prediction]:
+    """Mask2Former instance inference: the top ``max_instances`` (query, class) pairs.
 
     ``class_logits``: ``B x Q x (C+1)``; ``mask_logits``: ``B x Q x h x w``. Score of a
-    query = class probability x mean mask probability inside its binary mask. Pixels claimed by
-    several kept instances go to the highest-scoring one.
+    pair = class probability x mean mask probability inside its binary mask. With
+    ``overlapping=False`` pixels claimed by several kept instances go to the highest-scoring
+    one, so a query's second-best class and lower-scored duplicates vanish (what a hard
+    pseudo-label needs); ``True`` keeps every mask whole, Mask2Former's protocol for COCO
+    instance AP (a query's class hypotheses are ranked, not discarded).
     """
     H, W = int(image_size[0]), int(image_size[1])
     probs = class_logits.float().softmax(-1)[..., :-1]          # B x Q x C
@@ -268,7 +276,8 @@ def postprocess_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         final, cls, binary = final[keep], cls[keep], binary[keep]
         order = final.argsort(descending=True)
         final, cls, binary = final[order], cls[order], binary[order]
-        binary = resolve_overlaps(binary)
+        if not overlapping:
+            binary = resolve_overlaps(binary)
         nonempty = binary.flatten(1).any(1)
         results.append(Prediction(binary[nonempty], cls[nonempty].long(),
                                   final[nonempty].clamp(0, 1)))

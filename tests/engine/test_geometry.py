@@ -27,7 +27,8 @@ class BrightSegmenter(torch.nn.Module):
         super().__init__()
         self.seen = []
 
-    def predict(self, images, score_threshold=0.0, max_instances=100, mask_threshold=0.5):
+    def predict(self, images, score_threshold=0.0, max_instances=100, mask_threshold=0.5,
+                overlapping=False):
         self.seen.append(tuple(images.shape[-2:]))
         return [Prediction((im.mean(0) > 0.5)[None], torch.tensor([0]), torch.tensor([0.9]))
                 for im in images]
