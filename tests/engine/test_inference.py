@@ -44,3 +44,39 @@ def test_predicted_records_are_valid_instances_at_original_size(toy):
         assert len(rec.instances) <= 4
         for inst in rec.instances:
             assert 0.0 <= inst.score <= 1.0 and 0 <= inst.class_id < 3
+
+
+def test_overlapping_keeps_every_class_hypothesis_of_a_query_and_resolving_keeps_one():
+    """One query, two plausible classes: COCO evaluation ranks both (same whole mask), a hard
+    pseudo-label keeps the best one only; a lower-scored overlapping query keeps its whole mask
+    only when overlapping."""
+    from sskd.models.base import postprocess_instances
+    cls = torch.full((1, 2, 4), -9.0)             # B=1, Q=2, C=3 + no-object
+    cls[0, 0, :2] = torch.tensor([2.0, 1.5])     # query 0: circle 0.6 / rectangle 0.37
+    cls[0, 1, 2:] = torch.tensor([0.0, 1.0])     # query 1: triangle 0.27 (no-object 0.73)
+    mask = torch.full((1, 2, 8, 8), -9.0)
+    mask[0, 0, :4, :4] = 9.0                     # query 0: top-left square
+    mask[0, 1, 2:6, 2:6] = 9.0                   # query 1: overlaps it by a 2 x 2 corner
+    kw = dict(score_threshold=0.05, max_instances=10)
+    (ovl,) = postprocess_instances(cls, mask, (8, 8), overlapping=True, **kw)
+    (hard,) = postprocess_instances(cls, mask, (8, 8), overlapping=False, **kw)
+    assert sorted(ovl.class_ids.tolist()) == [0, 1, 2]
+    assert [int(m.sum()) for m in ovl.masks] == [16, 16, 16]          # all whole
+    assert ovl.scores.tolist() == sorted(ovl.scores.tolist(), reverse=True)
+    assert sorted(hard.class_ids.tolist()) == [0, 2]                      # rectangle hypothesis gone
+    assert int(hard.masks.sum(0).max()) == 1                            # one instance per pixel
+    tri = hard.masks[hard.class_ids.tolist().index(2)]
+    assert int(tri.sum()) == 12                                         # corner given to the circle
+
+
+def test_evaluation_config_ranks_overlapping_masks_pseudo_labels_do_not(toy):
+    from sskd.config import EvaluationConfig
+    torch.manual_seed(0)
+    model = build_model("mask2former", 3, size="tiny")
+    ev = list(iter_predictions(model, toy, EvaluationConfig(), input_size=16))
+    pl = list(iter_predictions(model, toy, PseudoLabelConfig(score_threshold=0.0), input_size=16))
+    def coverage(rec):
+        return int(sum(i.mask().astype(int) for i in rec.instances).max()) if rec.instances else 0
+    assert max(coverage(r) for r in ev) > 1      # some pixel ranked under several hypotheses
+    assert max(coverage(r) for r in pl) <= 1
+    assert sum(len(r.instances) for r in ev) > sum(len(r.instances) for r in pl)
