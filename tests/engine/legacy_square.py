@@ -91,7 +91,8 @@ def predictions(model, records, S, cfg):
     from sskd.data.records import ImageRecord, Instance
     images = torch.stack([image(r, S) for r in records])
     preds = model.predict(images, score_threshold=cfg.score_threshold,
-                          max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold)
+                          max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold,
+                          overlapping=cfg.overlapping_masks)  # (added with that option)
     out = []
     for rec, pred in zip(records, preds):
         masks = pred.masks

@@ -45,11 +45,11 @@ def test_square_batches_are_bit_identical_to_the_old_path(toy40, S):
             assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["labels"], b["labels"])
 
 
-@pytest.mark.parametrize("S", [32, 40])
-def test_square_predictions_are_bit_identical_to_the_old_path(toy40, S):
+@pytest.mark.parametrize("S,overlapping", [(32, True), (40, True), (32, False)])
+def test_square_predictions_are_bit_identical_to_the_old_path(toy40, S, overlapping):
     torch.manual_seed(1)
     model = build_model("mask2former", 3, size="tiny").eval()
-    cfg = EvaluationConfig(mask_threshold=0.3)
+    cfg = EvaluationConfig(mask_threshold=0.3, overlapping_masks=overlapping)
     new = list(iter_predictions(model, toy40, cfg, input_size=S, batch_size=8))
     old = legacy_square.predictions(model, toy40.records, S, cfg)
     assert sum(len(r.instances) for r in new) > 0
