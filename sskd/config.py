@@ -50,8 +50,8 @@ class SyntheticDomainConfig:
     distractor_shapes: list = field(default_factory=list)
     distractors: int = 0              # such unlabelled objects per image
     # Fill of the instances: "flat" (one colour) or "stripes" (the instance colour alternating
-    # with a darker shade of it, random period and angle per instance): a style the corpus never
-    # shows, so a foundation model meets something new in the target
+    # with a darker shade of it, random period and angle per instance). Set on the target only,
+    # it is a style a flat-filled corpus shows only as a background: a real gap for the stand-in
     object_texture: str = "flat"
 
 
