@@ -99,6 +99,9 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
         # SIGTERM (kill, a service manager) ends the wait like Ctrl-C, so the cleanup runs
         main = threading.current_thread() is threading.main_thread()  # signals: main only
         previous = signal.signal(signal.SIGTERM, interrupt) if main else None
+        # Ctrl-C must stop it even when the parent left SIGINT ignored (ignored signals are
+        # inherited: a script's background job, some test runners)
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
         try:
             print(f"FiftyOne App: {url}  (view: {view or 'whole dataset'}; Ctrl-C to stop)",
                   flush=True)
@@ -109,6 +112,7 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
             shutdown_app()
             if main:
                 signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, previous_int)
     return session
 
 

@@ -134,8 +134,11 @@ def _gone(p: psutil.Process) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_sskd_app_stops_every_process_it_started(exported, smoke_run, sig):
+@pytest.mark.parametrize("sig,parent_ignores_sigint",
+                         [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["ctrl-c", "sigterm", "ctrl-c-inherited-ignore"])
+def test_sskd_app_stops_every_process_it_started(exported, smoke_run, sig, parent_ignores_sigint):
+    # an ignored SIGINT is inherited (a script's background job): Ctrl-C must still stop the App
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -143,7 +146,9 @@ def test_sskd_app_stops_every_process_it_started(exported, smoke_run, sig):
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "sskd", "app", str(smoke_run.root),
                                  "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                                if parent_ignores_sigint else None)
         try:
             lines = _read_until(proc, "FiftyOne App:", timeout=240)
             break
