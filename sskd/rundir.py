@@ -4,7 +4,8 @@
       config.yaml                      resolved config
       splits/{labeled,unlabeled,val}.json
       pseudo_labels/<tag>.jsonl        teacher pseudo-labels of D_u (one ImageRecord per line)
-      predictions/<tag>.jsonl          val predictions of a model (one ImageRecord per line)
+      predictions/<tag>.jsonl          val predictions of a model (one ImageRecord per line; masks
+                                       may overlap, evaluation.overlapping_masks)
       checkpoints/<stage>/model/       final weights (model.json + model.pt)
       checkpoints/<stage>/state.pt     latest resumable training state
       logs/<stage>.jsonl               per-step metrics

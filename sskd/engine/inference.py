@@ -80,6 +80,8 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
     each record's original size. ``geometry`` overrides the square ``input_size``."""
     device = torch.device(device)
     model.to(device).eval()
+    # only evaluation may rank overlapping masks; pseudo-labels are instance maps
+    overlapping = isinstance(cfg, EvaluationConfig) and cfg.overlapping_masks
     geometry = geometry or InputGeometry(int(input_size))
     cache = cache or SampleCache(geometry, max_mb=0)  # each image is read once: cache nothing
     multiple = int(getattr(model, "patch_size", 1) or 1)
@@ -92,7 +94,7 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
         # Grounding DINO + SAM: the box score), so go through its predict()
         preds = model.predict(images, score_threshold=cfg.score_threshold,
                               max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold,
-                              overlapping=bool(getattr(cfg, "overlapping_masks", False)))
+                              overlapping=overlapping)
         for rec, img, pred in zip(chunk, loaded, preds):
             yield prediction_to_record(pred, rec, tuple(img.shape[-2:]))
 
