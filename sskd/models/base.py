@@ -284,12 +284,34 @@ def postprocess_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     return results
 
 
-def resolve_overlaps(masks: torch.Tensor) -> torch.Tensor:
-    """``N x H x W`` bool masks sorted by decreasing score -> each pixel kept only by the first."""
+#: an instance left with less than this fraction of its own mask by higher-scoring instances is
+#: dropped when masks are made disjoint (Mask2Former's ``overlap_threshold`` in its panoptic
+#: inference). Without it a lower-scored duplicate's leftover rim becomes an instance of its own:
+#: on the striped demo target the zero-shot teacher's pseudo-labels had 3.9 instances per image
+#: against 1.9 in the ground truth, 1.6 with the rule.
+MIN_KEPT_FRACTION = 0.8
+
+
+def resolve_overlaps(masks: torch.Tensor, min_kept_fraction: float = MIN_KEPT_FRACTION) -> torch.Tensor:
+    """``N x H x W`` bool masks sorted by decreasing score -> each pixel kept only by the first.
+
+    An instance that keeps less than ``min_kept_fraction`` of its pixels comes back empty (callers
+    drop empty masks), so no instance is a sliver another one left over.
+    """
     if masks.shape[0] <= 1:
         return masks
-    taken = masks.cumsum(0) > 1  # a pixel already claimed by an earlier (higher) instance
-    return masks & ~taken
+    # a pixel is kept by the first mask claiming it among the masks that survive; a dropped
+    # mask frees its pixels for the masks after it, so this runs in score order
+    taken = torch.zeros_like(masks[0])
+    out = torch.zeros_like(masks)
+    for i in range(masks.shape[0]):
+        own = masks[i]
+        kept = own & ~taken
+        area = int(own.sum())
+        if area and int(kept.sum()) >= min_kept_fraction * area:
+            out[i] = kept
+            taken |= kept
+    return out
 
 
 # --------------------------------------------------------------------------- registry

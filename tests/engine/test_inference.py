@@ -56,17 +56,35 @@ def test_overlapping_keeps_every_class_hypothesis_of_a_query_and_resolving_keeps
     cls[0, 1, 2:] = torch.tensor([0.0, 1.0])     # query 1: triangle 0.27 (no-object 0.73)
     mask = torch.full((1, 2, 8, 8), -9.0)
     mask[0, 0, :4, :4] = 9.0                     # query 0: top-left square
-    mask[0, 1, 2:6, 2:6] = 9.0                   # query 1: overlaps it by a 2 x 2 corner
+    mask[0, 1, 2:8, 2:6] = 9.0                   # query 1: 6 x 4, overlaps it by a 2 x 2 corner
     kw = dict(score_threshold=0.05, max_instances=10)
     (ovl,) = postprocess_instances(cls, mask, (8, 8), overlapping=True, **kw)
     (hard,) = postprocess_instances(cls, mask, (8, 8), overlapping=False, **kw)
     assert sorted(ovl.class_ids.tolist()) == [0, 1, 2]
-    assert [int(m.sum()) for m in ovl.masks] == [16, 16, 16]          # all whole
+    assert sorted(int(m.sum()) for m in ovl.masks) == [16, 16, 24]    # all whole
     assert ovl.scores.tolist() == sorted(ovl.scores.tolist(), reverse=True)
     assert sorted(hard.class_ids.tolist()) == [0, 2]                      # rectangle hypothesis gone
     assert int(hard.masks.sum(0).max()) == 1                            # one instance per pixel
     tri = hard.masks[hard.class_ids.tolist().index(2)]
-    assert int(tri.sum()) == 12                                         # corner given to the circle
+    assert int(tri.sum()) == 20                                         # corner given to the circle
+
+
+def test_resolving_drops_a_sliver_and_frees_its_pixels_for_later_instances():
+    """Mask2Former's overlap rule: an instance that keeps < 80% of its mask is dropped, not kept
+    as the rim a better-scored duplicate left over; its pixels stay free for the next one."""
+    from sskd.models.base import MIN_KEPT_FRACTION, resolve_overlaps
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, :4, :4] = True                      # best: a 4 x 4 square
+    masks[1, :5, :5] = True                      # duplicate: keeps its 9-pixel rim of 25 (36%)
+    masks[2, 4:, :] = True                       # 32 px, 5 shared (row 4) with the duplicate
+    out = resolve_overlaps(masks)
+    assert MIN_KEPT_FRACTION == 0.8
+    assert [int(m.sum()) for m in out] == [16, 0, 32]
+    assert torch.equal(out[0], masks[0]) and torch.equal(out[2], masks[2])
+    # the old rule (keep any leftover) is min_kept_fraction=0: the rim survives and the third loses 5 px
+    old = resolve_overlaps(masks, min_kept_fraction=0.0)
+    assert [int(m.sum()) for m in old] == [16, 9, 27]
+    assert int(old.sum(0).max()) == 1
 
 
 def test_evaluation_config_ranks_overlapping_masks_pseudo_labels_do_not(toy):
