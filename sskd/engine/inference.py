@@ -68,6 +68,12 @@ def prediction_to_record(pred: Prediction, record: ImageRecord,
     return ImageRecord(record.file_name, record.height, record.width, record.image_id, insts)
 
 
+def masks_overlap(cfg: PseudoLabelConfig | EvaluationConfig) -> bool:
+    """Whether predictions made with ``cfg`` keep overlapping masks: only evaluation may rank
+    them (COCO protocol); pseudo-labels are instance maps (one instance per pixel)."""
+    return isinstance(cfg, EvaluationConfig) and cfg.overlapping_masks
+
+
 @torch.no_grad()
 def iter_predictions(model: Segmenter, dataset: Dataset,
                      cfg: PseudoLabelConfig | EvaluationConfig, *,
@@ -80,8 +86,7 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
     each record's original size. ``geometry`` overrides the square ``input_size``."""
     device = torch.device(device)
     model.to(device).eval()
-    # only evaluation may rank overlapping masks; pseudo-labels are instance maps
-    overlapping = isinstance(cfg, EvaluationConfig) and cfg.overlapping_masks
+    overlapping = masks_overlap(cfg)
     geometry = geometry or InputGeometry(int(input_size))
     cache = cache or SampleCache(geometry, max_mb=0)  # each image is read once: cache nothing
     multiple = int(getattr(model, "patch_size", 1) or 1)

@@ -18,10 +18,10 @@ import torch
 from sskd.config import ModelConfig, StageConfig, TrainConfig, config_hash, to_dict
 from sskd.data.records import Dataset, iter_records_jsonl, write_json_atomic
 from sskd.engine.data import InputGeometry
-from sskd.engine.inference import predict_to_jsonl
+from sskd.engine.inference import masks_overlap, predict_to_jsonl
 from sskd.engine.trainer import Objective, TrainPaths, train
 from sskd.metrics import read_metrics, update_metrics
-from sskd.models.base import Segmenter, build_model, load_model
+from sskd.models.base import MIN_KEPT_FRACTION, Segmenter, build_model, load_model
 from sskd.stages.checks import trainable_parts
 from sskd.stages.run import Run, log
 
@@ -275,9 +275,12 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
 def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str,
              thresholds) -> Path:
     """predict_to_jsonl, recomputed when the model, the images or the thresholds changed."""
-    # only what changes the predictions (not e.g. the report's evaluation.seed_noise_ap)
+    # only what changes the predictions (not e.g. the report's evaluation.seed_noise_ap),
+    # including how disjoint masks are made (a file made by an older rule is recomputed)
+    overlap = masks_overlap(thresholds) or ["disjoint", MIN_KEPT_FRACTION]
     fp = fingerprint(model, dataset, [thresholds.score_threshold, thresholds.max_instances,
-                                      thresholds.mask_threshold], input_geometry(run).describe())
+                                      thresholds.mask_threshold, overlap],
+                     input_geometry(run).describe())
     side = out.with_name(out.name + ".fingerprint")
     if not side.is_file() or side.read_text() != fp:
         for q in (out, out.with_name(out.name + ".partial")):

@@ -93,6 +93,19 @@ def test_changed_stage_config_retrains_and_recomputes_predictions(tmp_path, capl
     assert "student_supervised: inputs changed since the last run (stage_config)" in caplog.text
     assert model_file.stat().st_mtime_ns != first[0]
     assert preds.stat().st_mtime_ns != first[1]
+    # how masks are scored is part of what the predictions file describes: toggling overlaps
+    # re-predicts (one instance per pixel now) without retraining
+    trained = (model_file.stat().st_mtime_ns, preds.stat().st_mtime_ns)
+    disjoint = open_run("r", runs_root=str(tmp_path / "runs"),
+                        overrides={"stages.student_supervised.train.lr": 0.01,
+                                   "evaluation.overlapping_masks": False})
+    transfer(disjoint, progress=False)
+    assert model_file.stat().st_mtime_ns == trained[0]
+    assert preds.stat().st_mtime_ns != trained[1]
+    from sskd.data.records import iter_records_jsonl
+    for rec in iter_records_jsonl(preds):
+        if rec.instances:
+            assert rec.masks().sum(0).max() <= 1
 
 
 def test_student_stages_start_from_the_encoder_of_the_cached_standin_student(tmp_path):
