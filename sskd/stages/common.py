@@ -277,7 +277,7 @@ def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str,
     """predict_to_jsonl, recomputed when the model, the images or the thresholds changed."""
     # only what changes the predictions (not e.g. the report's evaluation.seed_noise_ap),
     # including how disjoint masks are made (a file made by an older rule is recomputed)
-    overlap = masks_overlap(thresholds) or ["disjoint", MIN_KEPT_FRACTION]
+    overlap = ["overlapping"] if masks_overlap(thresholds) else ["disjoint", MIN_KEPT_FRACTION]
     fp = fingerprint(model, dataset, [thresholds.score_threshold, thresholds.max_instances,
                                       thresholds.mask_threshold, overlap],
                      input_geometry(run).describe())

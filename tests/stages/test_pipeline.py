@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from sskd.data.records import iter_records_jsonl
 from sskd.metrics import read_metrics
 from sskd.rundir import MODEL_TAGS
 from sskd.stages import (adapt_teacher, load_datasets, open_run, prepare_data, refine,
@@ -102,7 +103,6 @@ def test_changed_stage_config_retrains_and_recomputes_predictions(tmp_path, capl
     transfer(disjoint, progress=False)
     assert model_file.stat().st_mtime_ns == trained[0]
     assert preds.stat().st_mtime_ns != trained[1]
-    from sskd.data.records import iter_records_jsonl
     for rec in iter_records_jsonl(preds):
         if rec.instances:
             assert rec.masks().sum(0).max() <= 1
