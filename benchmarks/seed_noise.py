@@ -7,15 +7,18 @@
 
 Runs every stage (the library functions the notebooks call, without the notebooks and the
 FiftyOne export) once per seed, each in ``<runs-root>/<preset>_seed<S>``; the run's ``seed``
-changes model init, the stand-in pretraining and every stage's sampling (the data and the split
-stay fixed). Finished runs are reused, so adding a seed costs one run. Prints two tables:
+changes model init and every stage's sampling. The data, the split and the stand-ins' pretrained
+weights stay fixed (like downloaded foundation weights, they do not depend on the run's seed).
+Finished runs are reused, so adding a seed costs one run; a seed stopped part-way resumes from
+its last checkpoint when the script is run again. Prints three tables:
 
 * mask AP of every model per seed, with the spread (max - min) across seeds;
-* each headline difference of the paper (docs/method.md) per seed, with its smallest value across seeds.
+* each headline difference of the paper (docs/method.md) per seed, with its smallest value across seeds;
+* the demo preset's design targets (:data:`DEMO_TARGETS`) per seed, and whether every seed meets them.
 
 A difference stands out of seed noise when its smallest value exceeds the largest spread of
-the rows it compares. A demo run takes ~15 min per seed on 2 cores (the stand-ins of seed 0 come
-from the cache when ``make demo`` ran before).
+the rows it compares. A demo-preset seed took 24-30 min on 2 cores with the stand-ins cached
+(measured 2026-11-30; the first run on a machine adds their one-time pretraining, ~10 min).
 """
 
 from __future__ import annotations
