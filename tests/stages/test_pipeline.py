@@ -176,7 +176,13 @@ def test_a_second_process_waits_for_a_standin_being_pretrained(tmp_path):
         assert (root / ".lock").read_text() == str(__import__("os").getpid())
         child = ctx.Process(target=_hold_lock, args=(str(root), str(tmp_path / "got")))
         child.start()
-        time.sleep(1.5)
+        # wait until the child is at the lock (its torch import can take long on a busy
+        # machine), so that "blocked" below is observed, not assumed
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "trying").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "trying").exists(), "the child never reached the lock"
+        time.sleep(1.0)
         assert not (tmp_path / "got").exists()      # blocked while we hold it
     # generous: join returns as soon as the child exits, and a spawned child that imports torch
     # took over 30 s on a 2-core machine busy with other training runs
@@ -190,6 +196,7 @@ def _hold_lock(root, out):
     import os
     from pathlib import Path
     from sskd.stages.common import _cache_entry_lock
+    Path(out).with_name("trying").touch()
     with _cache_entry_lock(Path(root)):
         Path(out).write_text(str(os.getpid()))
 
