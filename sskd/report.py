@@ -503,9 +503,7 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
     pl = metrics.get("pseudo_labels", {})
     if pl:
         parts += ["## Pseudo-label quality on D_u (hidden ground truth, never used in training)",
-                  markdown_table(["pseudo-labels of", "AP", "AP50"],
-                                 [[f"`{t}`", fmt(pl[t].get("AP")), fmt(pl[t].get("AP50"))]
-                                  for t in _ordered(pl, MODEL_TAGS)])]
+                  pseudo_label_table(pl)]
     ab = ablations_section(metrics, cfg)
     parts += ["## Ablations", ab or "No ablations were run (config key `ablations`)."]
     eff = efficiency_table(metrics.get("efficiency", []))
@@ -525,6 +523,38 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
         parts += [f"![{cap}]({fname})" for cap, fname in figures.items()]
     parts.append("Raw numbers: [metrics.json](metrics.json).")
     return "\n\n".join(parts) + "\n"
+
+
+def pseudo_label_table(pl: Mapping[str, Mapping]) -> str:
+    """The pseudo-label section: AP, and where a ``matching`` entry exists
+    (:func:`sskd.evaluation.instance_matching.match_instances`) whether masks or classes fail."""
+    from sskd.evaluation.instance_matching import top_confusions
+    tags = _ordered(pl, MODEL_TAGS)
+    if not any("matching" in pl[t] for t in tags):
+        return markdown_table(["pseudo-labels of", "AP", "AP50"],
+                              [[f"`{t}`", fmt(pl[t].get("AP")), fmt(pl[t].get("AP50"))]
+                               for t in tags])
+    rows = []
+    for t in tags:
+        m = pl[t].get("matching")
+        if m is None:
+            rows.append([f"`{t}`", fmt(pl[t].get("AP")), fmt(pl[t].get("AP50"))] + ["n/a"] * 5)
+            continue
+        conf = "; ".join(f"{a} as {b}: {n}" for a, b, n in top_confusions(m)) or "none"
+        rows.append([f"`{t}`", fmt(pl[t].get("AP")), fmt(pl[t].get("AP50")),
+                     fmt(m.get("mask_recall"), 0), fmt(m.get("mask_precision"), 0),
+                     fmt(m.get("class_accuracy"), 0), fmt(m.get("majority_rate"), 0), conf])
+    iou = next(pl[t]["matching"]["iou_threshold"] for t in tags if "matching" in pl[t])
+    return (markdown_table(["pseudo-labels of", "AP", "AP50", "objects found (%)",
+                            "masks on an object (%)", "right class (%)",
+                            "majority-class rate (%)", "most frequent class errors"], rows) +
+            f"\n\nMasks are matched to objects one-to-one at mask IoU >= {iou:g}, classes "
+            "ignored. *Objects found*: matched objects / all objects; *masks on an object*: "
+            "matched pseudo-labels / all pseudo-labels; *right class*: matched pseudo-labels "
+            "whose class is the object's. A right class near the majority-class rate means the "
+            "pseudo-labels teach outlines, not classes, even when the teacher's own AP is "
+            "good: its evaluation ranks every class of each query, a pseudo-label keeps only "
+            "the top one.")
 
 
 def build_report(run: Any, figures: bool = True) -> Path:

@@ -280,3 +280,23 @@ def test_cityscapes_ap_column_and_install_line():
     md = report.report_markdown(RunDir("/tmp/x"), cfg, {"models": {"teacher_zero_shot":
                                                                    model(1.0, 2.0, 3)}}, {})
     assert "The official Cityscapes AP was not computed: pip install 'sskd[cityscapes]'" in md
+
+
+def test_pseudo_label_section_tells_masks_from_classes():
+    matching = {"iou_threshold": 0.5, "n_gt": 400, "n_pred": 350, "n_matched": 320,
+                "mask_recall": 80.0, "mask_precision": 91.4, "class_accuracy": 40.0,
+                "majority_rate": 36.0, "classes": ["circle", "rectangle", "triangle"],
+                "confusion": [[40, 60, 10], [20, 50, 30], [5, 67, 38]]}
+    md = report.pseudo_label_table({
+        "teacher_adapted": {"AP": 8.5, "AP50": 14.7, "matching": matching},
+        "teacher_zero_shot": {"AP": 9.7, "AP50": 18.0}})   # recorded before matching existed
+    lines = md.splitlines()
+    assert lines[0].startswith("| pseudo-labels of | AP | AP50 | objects found (%) |")
+    # model order (zero-shot first), the older entry without matching says n/a
+    assert lines[2] == "| `teacher_zero_shot` | 9.7 | 18.0 | n/a | n/a | n/a | n/a | n/a |"
+    assert lines[3] == ("| `teacher_adapted` | 8.5 | 14.7 | 80 | 91 | 40 | 36 | triangle as "
+                        "rectangle: 67; circle as rectangle: 60; rectangle as triangle: 30 |")
+    assert "mask IoU >= 0.5" in md
+    # without any matching entry the section keeps its AP-only table
+    assert report.pseudo_label_table({"teacher_1a": {"AP": 7.6, "AP50": 14.2}}) == (
+        "| pseudo-labels of | AP | AP50 |\n|---|---|---|\n| `teacher_1a` | 7.6 | 14.2 |")

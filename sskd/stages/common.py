@@ -321,18 +321,30 @@ def _cityscapes_ap(val: Dataset, preds: list, tag: str) -> dict:
 def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Dataset:
     """Teacher pseudo-labels of D_u -> ``pseudo_labels/<tag>.jsonl`` (streamed, resumable).
 
-    When D_u carries hidden ground truth (synthetic data), the pseudo-labels' own mask AP is
-    recorded under ``metrics["pseudo_labels"][tag]`` (never used for training).
+    When D_u carries hidden ground truth (synthetic data), the pseudo-labels' own mask AP, and
+    how many of their masks match an object and carry its class
+    (:mod:`sskd.evaluation.instance_matching`), are recorded under
+    ``metrics["pseudo_labels"][tag]`` (never used for training).
     """
     path = _predict(run, model, unlabeled, run.dir.pseudo_labels(tag), f"pseudo-label {tag}",
                     run.cfg.pseudo_label)
     records = list(iter_records_jsonl(path))
     if any(r.instances for r in unlabeled.records):
         from sskd.evaluation.coco_eval import evaluate_masks
+        from sskd.evaluation.instance_matching import match_instances
         res = evaluate_masks(unlabeled, records)
+        match = match_instances(unlabeled, records)
         update_metrics(run.dir.metrics, "pseudo_labels", tag,
-                       {k: res[k] for k in ("AP", "AP50", "AP75", "per_class")})
+                       {**{k: res[k] for k in ("AP", "AP50", "AP75", "per_class")},
+                        "matching": match})
+        log.info("pseudo-labels %s: AP %.1f; masks matched %s%% of objects, %s%% of them with "
+                 "the right class", tag, res["AP"], _pct(match["mask_recall"]),
+                 _pct(match["class_accuracy"]))
     return Dataset(records, list(unlabeled.classes), f"pseudo_{tag}")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def load_pseudo_labels(run: Run, tag: str, classes: list[str]) -> Dataset:

@@ -39,6 +39,10 @@ def test_all_stages_write_their_artifacts_and_skip_finished_work(tmp_path):
         lines = run.dir.pseudo_labels(tag).read_text().splitlines()
         assert [json.loads(l)["image_id"] for l in lines] == [r.image_id for r in ds["unlabeled"]]
         assert tag in m["pseudo_labels"]  # quality against the hidden ground truth
+        match = m["pseudo_labels"][tag]["matching"]  # masks vs classes, counted over all of D_u
+        assert match["n_gt"] == sum(len(r.instances) for r in ds["unlabeled"])
+        assert match["n_pred"] == sum(len(json.loads(l)["instances"]) for l in lines)
+        assert sum(map(sum, match["confusion"])) == match["n_matched"] <= min(match["n_gt"], match["n_pred"])
     # teacher parameters are >= the student's (smoke uses tiny for both: equal)
     assert m["models"]["teacher_adapted"]["params"] >= m["models"]["student_refined"]["params"]
 
