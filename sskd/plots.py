@@ -16,9 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from pycocotools import mask as mask_utils
 
-from sskd.data.records import Dataset, ImageRecord, Instance
+from sskd.data.records import Dataset, ImageRecord, Instance, mask_iou
 from sskd import graph
 from sskd.rundir import MODEL_TAGS
 
@@ -117,13 +116,6 @@ def _empty(ax: Any, text: str) -> None:
 # --------------------------------------------------------------------------- pseudo-label bias
 
 
-def _rle(seg: dict) -> dict:
-    counts, (h, w) = seg["counts"], seg["size"]
-    if isinstance(counts, list):  # uncompressed COCO RLE
-        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-    return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
 def _bin_edges(bins: int | Sequence[float]) -> np.ndarray:
     edges = np.linspace(0.0, 1.0, int(bins) + 1) if isinstance(bins, int) else np.asarray(bins, float)
     if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
@@ -138,9 +130,7 @@ def _match_image(preds: list[Instance], gts: list[Instance], iou: float) -> list
     scores = [1.0 if p.score is None else float(p.score) for p in preds]
     if not gts:
         return [(s, False) for s in scores]
-    ious = np.asarray(mask_utils.iou([_rle(p.segmentation) for p in preds],
-                                     [_rle(g.segmentation) for g in gts], [0] * len(gts)))
-    ious = ious.reshape(len(preds), len(gts))
+    ious = mask_iou(preds, gts)
     taken = np.zeros(len(gts), bool)
     out = []
     for d, s in enumerate(scores):

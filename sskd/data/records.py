@@ -60,6 +60,16 @@ def mask_bbox(rle: dict) -> list[float]:
     return [float(v) for v in mask_utils.toBbox(_as_pycoco_rle(rle))]
 
 
+def mask_iou(a: Sequence["Instance"], b: Sequence["Instance"]) -> np.ndarray:
+    """``len(a) x len(b)`` mask IoU of two instance lists of one image (pycocotools; crowd
+    flags ignored: plain IoU both ways)."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)))
+    iou = mask_utils.iou([_as_pycoco_rle(i.segmentation) for i in a],
+                         [_as_pycoco_rle(i.segmentation) for i in b], [0] * len(b))
+    return np.asarray(iou, dtype=np.float64).reshape(len(a), len(b))
+
+
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
     """COCO polygon list ``[[x1, y1, x2, y2, ...], ...]`` -> compressed RLE (``str`` counts)."""
     rles = mask_utils.frPyObjects([list(map(float, p)) for p in polygons], height, width)

@@ -25,15 +25,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from sskd.data.records import Dataset, ImageRecord
-
-
-def _rle(segmentation: dict) -> dict:
-    counts = segmentation["counts"]
-    return {"size": list(segmentation["size"]),
-            "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+from sskd.data.records import Dataset, ImageRecord, mask_iou
 
 
 def _match_image(gt: ImageRecord, pred: ImageRecord, iou_threshold: float) -> list[tuple[int, int]]:
@@ -45,9 +38,7 @@ def _match_image(gt: ImageRecord, pred: ImageRecord, iou_threshold: float) -> li
         raise ValueError(f"image {gt.image_id}: pseudo-labels are {pred.height}x{pred.width} but "
                          f"the ground truth is {gt.height}x{gt.width}; write pseudo-labels at "
                          "each record's original size (sskd.engine.inference does)")
-    iou = mask_utils.iou([_rle(p.segmentation) for p in pred.instances],
-                         [_rle(g.segmentation) for g in gts], [0] * len(gts))
-    iou = np.asarray(iou, dtype=np.float64).reshape(len(pred.instances), len(gts))
+    iou = mask_iou(pred.instances, gts)
     pairs, used_pred, used_gt = [], set(), set()
     for flat in np.argsort(-iou, axis=None, kind="stable"):
         i, j = divmod(int(flat), len(gts))

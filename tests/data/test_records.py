@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sskd.data.records import (Dataset, ImageRecord, Instance, decode_mask, encode_mask,
-                               iter_records_jsonl, mask_area, mask_bbox, polygons_to_rle,
+                               iter_records_jsonl, mask_area, mask_bbox, mask_iou, polygons_to_rle,
                                to_coco, write_json_atomic, write_records_jsonl)
 from sskd.safe_load import CorruptFileError
 
@@ -30,19 +30,22 @@ def test_encode_rejects_non_2d():
         encode_mask(np.zeros((2, 3, 4), np.uint8))
 
 
-def test_decode_uncompressed_rle_equals_compressed():
-    m = np.zeros((4, 5), np.uint8)
-    m[1:3, 2:4] = 1
-    # column-major runs: 2 columns of zeros (8 px) + 1 px, then 2 on, 2 off, 2 on, then rest
-    flat = m.flatten(order="F")
+def _uncompressed_runs(m: np.ndarray) -> list[int]:
+    """COCO uncompressed RLE counts of ``m``: column-major runs, starting with zeros."""
     runs, cur, n = [], 0, 0
-    for v in flat:
+    for v in m.flatten(order="F"):
         if v != cur:
             runs.append(n)
             cur, n = v, 0
         n += 1
-    runs.append(n)
-    np.testing.assert_array_equal(decode_mask({"size": [4, 5], "counts": runs}), m)
+    return runs + [n]
+
+
+def test_decode_uncompressed_rle_equals_compressed():
+    m = np.zeros((4, 5), np.uint8)
+    m[1:3, 2:4] = 1
+    # column-major runs: 2 columns of zeros (8 px) + 1 px, then 2 on, 2 off, 2 on, then rest
+    np.testing.assert_array_equal(decode_mask({"size": [4, 5], "counts": _uncompressed_runs(m)}), m)
 
 
 def test_mask_bbox_and_polygons_to_rle():
@@ -145,3 +148,17 @@ def test_subset_keeps_order_and_reports_missing():
     assert sub.category_ids == [3, 9]
     with pytest.raises(KeyError, match="99"):
         ds.subset([10, 99])
+
+
+def test_mask_iou_of_compressed_and_uncompressed_rles():
+    a = np.zeros((10, 10), np.uint8)
+    a[0:4, 0:5] = 1                       # 20 px
+    b = np.zeros((10, 10), np.uint8)
+    b[2:6, 0:5] = 1                       # 20 px, 10 shared -> IoU 10 / 30
+    ia, ib = Instance.from_mask(a, 0), Instance.from_mask(b, 1)
+    # the same mask as an uncompressed (COCO iscrowd-style) RLE
+    ib_list = Instance(class_id=1, segmentation={"size": [10, 10], "counts": _uncompressed_runs(b)})
+    iou = mask_iou([ia, ib], [ib, ib_list])
+    assert iou.shape == (2, 2)
+    np.testing.assert_allclose(iou, [[1 / 3, 1 / 3], [1.0, 1.0]])
+    assert mask_iou([], [ia]).shape == (0, 1)
