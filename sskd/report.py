@@ -526,9 +526,12 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
 
 
 def pseudo_label_table(pl: Mapping[str, Mapping]) -> str:
-    """The pseudo-label section: AP, and where a ``matching`` entry exists
-    (:func:`sskd.evaluation.instance_matching.match_instances`) whether masks or classes fail."""
+    """The pseudo-label section of ``metrics["pseudo_labels"]``: AP, and where a ``matching``
+    entry exists (:func:`sskd.evaluation.instance_matching.match_instances`) whether masks or
+    classes fail; a sentence saying so when nothing was measured (no hidden ground truth)."""
     from sskd.evaluation.instance_matching import top_confusions
+    if not pl:
+        return "D_u has no hidden ground truth here: pseudo-label quality is not measured."
     tags = _ordered(pl, MODEL_TAGS)
     if not any("matching" in pl[t] for t in tags):
         return markdown_table(["pseudo-labels of", "AP", "AP50"],

@@ -297,6 +297,9 @@ def test_pseudo_label_section_tells_masks_from_classes():
     assert lines[3] == ("| `teacher_adapted` | 8.5 | 14.7 | 80 | 91 | 40 | 36 | triangle as "
                         "rectangle: 67; circle as rectangle: 60; rectangle as triangle: 30 |")
     assert "mask IoU >= 0.5" in md
+    # nothing measured (D_u without hidden ground truth): a sentence, not an empty table
+    assert report.pseudo_label_table({}) == (
+        "D_u has no hidden ground truth here: pseudo-label quality is not measured.")
     # without any matching entry the section keeps its AP-only table
     assert report.pseudo_label_table({"teacher_1a": {"AP": 7.6, "AP50": 14.2}}) == (
         "| pseudo-labels of | AP | AP50 |\n|---|---|---|\n| `teacher_1a` | 7.6 | 14.2 |")

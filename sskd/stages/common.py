@@ -332,19 +332,16 @@ def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Da
     if any(r.instances for r in unlabeled.records):
         from sskd.evaluation.coco_eval import evaluate_masks
         from sskd.evaluation.instance_matching import match_instances
+        from sskd.report import fmt
         res = evaluate_masks(unlabeled, records)
         match = match_instances(unlabeled, records)
         update_metrics(run.dir.metrics, "pseudo_labels", tag,
                        {**{k: res[k] for k in ("AP", "AP50", "AP75", "per_class")},
                         "matching": match})
         log.info("pseudo-labels %s: AP %.1f; masks matched %s%% of objects, %s%% of them with "
-                 "the right class", tag, res["AP"], _pct(match["mask_recall"]),
-                 _pct(match["class_accuracy"]))
+                 "the right class", tag, res["AP"], fmt(match["mask_recall"], 0),
+                 fmt(match["class_accuracy"], 0))
     return Dataset(records, list(unlabeled.classes), f"pseudo_{tag}")
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.0f}"
 
 
 def load_pseudo_labels(run: Run, tag: str, classes: list[str]) -> Dataset:
