@@ -14,6 +14,11 @@ differ only by size (:mod:`sskd.models.sizes`) and options (``trainable``). Data
    head -> per-layer class logits ``B x Q x (K+1)`` and mask logits ``B x Q x H/4 x W/4``.
 5. Weak/strong projection heads on the mask features -> ``B x D x H/4 x W/4`` (L2-normalised).
 
+Option ``silhouette_channels > 0`` (off in every size): a CNN reads the outline of each final-layer
+mask (:class:`~sskd.models.heads.SilhouetteClassHead`) and adds to the class logits, which then
+become factorised log-probabilities ``[log p(obj) + log p(c | obj), log p(no obj)]`` in every
+layer; its own loss classifies the target masks' outlines (``loss_silhouette``, class weight).
+
 Losses: transformers' ``Mask2FormerLoss`` (Hungarian matching, class CE weight 2.0 with
 no-object 0.1, point-sampled mask BCE 5.0 and dice 5.0) on the final layer and, as deep
 supervision, on every earlier prediction (the query-only one and each intermediate layer).
@@ -40,7 +45,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 from sskd.losses.crowd import CrowdAwareMask2FormerLoss, ignore_maps
 from sskd.models.base import Segmenter, SegmenterOutput, register_model
 from sskd.models.dpt_neck import DPTNeck
-from sskd.models.heads import ProjectionHead, ema_update
+from sskd.models.heads import ProjectionHead, SilhouetteClassHead, ema_update
 from sskd.models.sizes import resolve_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,7 +127,7 @@ class Mask2FormerSegmenter(Segmenter):
     """
 
     PARTS = {"encoder": ("encoder.",), "neck": ("neck.",), "pixel_decoder": ("pixel_decoder.",),
-             "decoder": ("transformer.",), "class_head": ("class_head.",),
+             "decoder": ("transformer.",), "class_head": ("class_head.", "silhouette_head."),
              "projection_head": ("embed_weak.",)}
 
     def __init__(self, num_classes: int, size: str = "tiny", **overrides: Any) -> None:
@@ -167,6 +172,8 @@ class Mask2FormerSegmenter(Segmenter):
         self.pixel_decoder = Mask2FormerPixelDecoder(m2f, feature_channels=list(cfg["neck_channels"]))
         self.transformer = Mask2FormerTransformerModule(in_features=cfg["feature_size"], config=m2f)
         self.class_head = nn.Linear(cfg["hidden_dim"], self.num_classes + 1)
+        self.silhouette_head = (SilhouetteClassHead(self.num_classes, cfg["silhouette_channels"])
+                                if cfg["silhouette_channels"] else None)
         self.criterion = CrowdAwareMask2FormerLoss(m2f, weight_dict={})  # crowd: ignored points
         self.loss_weights = {"loss_cross_entropy": float(cfg["class_weight"]),
                              "loss_mask": float(cfg["mask_weight"]),
@@ -217,6 +224,13 @@ class Mask2FormerSegmenter(Segmenter):
                                mask_features=pix.mask_features)
         class_logits = [self.class_head(h.transpose(0, 1)) for h in dec.intermediate_hidden_states]
         mask_logits = list(dec.masks_queries_logits)
+        if self.silhouette_head is not None:
+            # the silhouette head reads the final masks only (the ones inference uses; it
+            # learns from the targets' own masks, see _silhouette_loss); every layer shares the
+            # linear head, so every layer gets the same factorised output
+            last = len(class_logits) - 1
+            class_logits = [self._factorised(c, mask_logits[i] if i == last else None)
+                            for i, c in enumerate(class_logits)]
         out = SegmenterOutput(class_logits=class_logits[-1], mask_logits=mask_logits[-1],
                               aux=list(zip(class_logits[:-1], mask_logits[:-1])))
         if embeddings in ("weak", "both"):
@@ -225,6 +239,22 @@ class Mask2FormerSegmenter(Segmenter):
             with torch.no_grad():
                 out.embed_strong = self.embed_strong(pix.mask_features.detach())
         return out
+
+    def _factorised(self, class_logits: torch.Tensor, mask_logits: torch.Tensor | None) -> torch.Tensor:
+        """``B x Q x (K+1)`` log-probabilities ``[log p(obj) + log p(c | obj), log p(no obj)]``.
+
+        The linear head's last logit decides object vs no object; which class an object is
+        comes from its other logits plus, given ``mask_logits``, the silhouette head's. Factorised
+        so, a query matched to no object (most of them, many drawing a copy of an object's
+        mask) trains only p(obj): in a plain K+1 softmax its loss would push down the very class
+        the outline shows, teaching the silhouette head to doubt itself.
+        """
+        fg = class_logits[..., :-1]
+        if mask_logits is not None:
+            fg = fg + self.silhouette_head(mask_logits)
+        no_obj = class_logits[..., -1:]
+        return torch.cat([fg.log_softmax(-1) + nn.functional.logsigmoid(-no_obj),
+                          nn.functional.logsigmoid(no_obj)], -1)
 
     def pixel_embeddings(self, images: torch.Tensor, head: str = "weak") -> torch.Tensor:
         """Projection-head embeddings only: encoder, neck and pixel decoder, no query decoder."""
@@ -275,8 +305,29 @@ class Mask2FormerSegmenter(Segmenter):
         for key, value in raw.items():
             base = key if key in self.loss_weights else key.rsplit("_", 1)[0]
             total = total + self.loss_weights[base] * value
-        return {"loss": total, "loss_ce": raw["loss_cross_entropy"], "loss_mask": raw["loss_mask"],
-                "loss_dice": raw["loss_dice"]}
+        out = {"loss": total, "loss_ce": raw["loss_cross_entropy"], "loss_mask": raw["loss_mask"],
+               "loss_dice": raw["loss_dice"]}
+        if self.silhouette_head is not None:
+            out["loss_silhouette"] = self._silhouette_loss(masks, labels, outputs.mask_logits.shape[-2:])
+            out["loss"] = total + self.loss_weights["loss_cross_entropy"] * out["loss_silhouette"]
+        return out
+
+    def _silhouette_loss(self, masks: list[torch.Tensor], labels: list[torch.Tensor],
+                         size: tuple[int, int]) -> torch.Tensor:
+        """Cross-entropy of the silhouette head on the target masks themselves.
+
+        Through the queries alone the head learns too slowly: early masks are blobs, and a
+        query's outline keeps changing as the decoder learns. The target masks (ground truth or
+        pseudo-labels), area-pooled to the mask logits' ``h x w``, are clean outlines of known
+        class from the first step, so the head learns what a class looks like as it would
+        from a dataset of silhouettes.
+        """
+        fractions = [nn.functional.interpolate(m[:, None], size=tuple(size), mode="area")[:, 0]
+                     for m in masks if len(m)]
+        if not fractions:
+            return masks[0].new_zeros(()) if masks else torch.zeros(())
+        logits = self.silhouette_head.from_probabilities(torch.cat(fractions)[None])[0]
+        return nn.functional.cross_entropy(logits.float(), torch.cat(labels))
 
     # ------------------------------------------------------------------------------ training
     def is_encoder_parameter(self, name: str) -> bool:

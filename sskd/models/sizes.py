@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
     "num_heads": 8,                 # attention heads (decoder and deformable attention)
     "dec_layers": 9,                # masked-attention decoder layers (>= 3, each deep-supervised)
     "dim_feedforward": 1536,        # decoder FFN width (4 x hidden_dim; 2048 gives 54.8M for the paper student)
+    "silhouette_channels": 0,       # > 0: a mask-outline CNN of this width adds to the final
+                                    # layer's class logits (heads.SilhouetteClassHead; off in
+                                    # every size, an experiment: docs/method.md)
     # -- projection heads for L_pxl --
     "embed_dim": 128,               # pixel-embedding dimension D
     "ema_momentum": 0.99,           # strong head <- m * strong + (1 - m) * weak after each step

@@ -292,3 +292,99 @@ def test_pixel_embeddings_fast_path_equals_full_forward():
     assert torch.allclose(m.pixel_embeddings(x, "weak"), full.embed_weak, atol=1e-6)
     assert torch.allclose(m.pixel_embeddings(x, "strong"), full.embed_strong, atol=1e-6)
     assert not m.pixel_embeddings(x, "strong").requires_grad
+
+
+def _disc(cx: int, cy: int, r: int, n: int = 16) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    return ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).float()
+
+
+def _square(x0: int, y0: int, s: int, n: int = 16) -> torch.Tensor:
+    m = torch.zeros(n, n)
+    m[y0:y0 + s, x0:x0 + s] = 1
+    return m
+
+
+def test_silhouette_head_factorises_classes_and_no_object_queries_leave_it_alone():
+    plain, with_head = tiny(), tiny(silhouette_channels=4)
+    assert "silhouette_head" not in dict(plain.named_children())
+    missing, unexpected = with_head.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("silhouette_head.") for k in missing)
+    assert with_head.parts()["class_head"][-1].startswith("silhouette_head.")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        with_head.silhouette_head.classify.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    a, b = plain(x), with_head(x)
+    pairs = list(zip(a.aux, b.aux)) + [((a.class_logits, None), (b.class_logits, None))]
+    for i, ((cp, _), (cw, _)) in enumerate(pairs):
+        # log-probabilities: p(no obj) from the linear head's last logit, p(c | obj) from its
+        # other logits plus, in the final layer only, the silhouette head's (here 1, 2, 3)
+        assert torch.allclose(cw.logsumexp(-1), torch.zeros(()), atol=1e-5)
+        assert torch.allclose(cw[..., -1], nn.functional.logsigmoid(cp[..., -1]), atol=1e-5)
+        bias = torch.tensor([1.0, 2.0, 3.0]) if i == len(pairs) - 1 else torch.zeros(3)
+        fg = (cp[..., :-1] + bias).softmax(-1)
+        assert torch.allclose(cw[..., :-1].softmax(-1), fg, atol=1e-5)
+    # every query labelled "no object": the loss trains p(obj) only, not the silhouette head
+    with_head.silhouette_head.classify.weight.data.normal_()
+    empty = [{"masks": torch.zeros(0, 32, 32), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    with_head.compute_losses(with_head(x), empty)["loss"].backward()
+    grads = [p.grad for p in with_head.silhouette_head.parameters() if p.grad is not None]
+    assert all(g.abs().max() < 1e-6 for g in grads)   # zero up to float rounding
+    assert with_head.class_head.weight.grad[-1].abs().max() > 1e-3
+
+
+def test_silhouette_head_is_detached_translation_invariant_and_learns_outlines():
+    from sskd.models.heads import SilhouetteClassHead
+    torch.manual_seed(0)
+    head = SilhouetteClassHead(num_logits=3, channels=8)
+    logits = torch.randn(1, 2, 16, 16, requires_grad=True)
+    head.classify.weight.data.normal_()
+    head(logits).sum().backward()
+    assert logits.grad is None  # the class loss never reaches the masks
+    # mask logits of circles (class 0) and squares (class 1) of a few sizes and positions
+    shapes, labels = [], []
+    for r in (3, 4, 5):
+        for c in (5, 8, 10):
+            shapes += [_disc(c, c, r), _square(c - r, c - r, 2 * r)]
+            labels += [0, 1]
+    x = torch.stack(shapes)[None] * 40 - 20                 # 1 x N x 16 x 16 logits
+    y = torch.tensor(labels)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(head(x)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (head(x)[0].argmax(-1) == y).all()
+    # the same outline moved by an even number of pixels (the 2x2 pool's stride), away from the
+    # border by more than the receptive field (7 px), gives the same logits
+    here = torch.stack([_disc(12, 12, 4, n=32), _square(9, 9, 7, n=32)])[None] * 40 - 20
+    moved = torch.stack([_disc(16, 14, 4, n=32), _square(13, 11, 7, n=32)])[None] * 40 - 20
+    assert torch.allclose(head(here), head(moved), atol=1e-5)
+    assert not torch.allclose(head(here)[0, 0], head(here)[0, 1], atol=1e-2)
+
+
+def test_silhouette_loss_trains_the_head_on_the_target_masks():
+    model = tiny(silhouette_channels=4)
+    x = torch.rand(2, 3, 32, 32)
+    targets = _square_targets(32)
+    losses = model.compute_losses(model(x), targets)
+    # the head starts at zero: uniform over the K classes on every target mask
+    assert torch.allclose(losses["loss_silhouette"], torch.log(torch.tensor(float(K))), atol=1e-5)
+    with torch.no_grad():
+        model.silhouette_head.classify.weight.normal_()
+    out = model(x)
+    torch.manual_seed(1)  # the mask losses sample points at random
+    losses = model.compute_losses(out, targets)
+    torch.manual_seed(1)
+    model._silhouette_loss = lambda *a: torch.zeros(())
+    without = model.compute_losses(out, targets)
+    del model._silhouette_loss
+    # weighted like the class loss (class_weight 2.0), on top of the set-prediction losses
+    assert losses["loss_silhouette"] > 0
+    assert torch.allclose(losses["loss"] - without["loss"], 2.0 * losses["loss_silhouette"], atol=1e-4)
+    losses["loss"].backward()
+    for name, p in model.silhouette_head.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    empty = [{"masks": torch.zeros(0, 32, 32), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    assert model.compute_losses(model(x), empty)["loss_silhouette"].item() == 0.0
