@@ -274,7 +274,8 @@ class Mask2FormerSegmenter(Segmenter):
         any resolution, usually the input's), optionally ``"ignore": H x W`` bool crowd regions
         (left out of the mask losses' sampled points). Returns ``loss`` (weighted sum over the final and
         every auxiliary prediction) and the final layer's unweighted ``loss_ce``, ``loss_mask``,
-        ``loss_dice``.
+        ``loss_dice``; with ``silhouette_channels`` also ``loss_silhouette`` (in ``loss`` at the
+        class weight).
         """
         B = outputs.class_logits.shape[0]
         if len(targets) != B:
