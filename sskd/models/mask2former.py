@@ -171,7 +171,12 @@ class Mask2FormerSegmenter(Segmenter):
         m2f = _decoder_config(cfg, self.num_classes)
         self.pixel_decoder = Mask2FormerPixelDecoder(m2f, feature_channels=list(cfg["neck_channels"]))
         self.transformer = Mask2FormerTransformerModule(in_features=cfg["feature_size"], config=m2f)
-        self.class_head = nn.Linear(cfg["hidden_dim"], self.num_classes + 1)
+        if cfg["silhouette_only"] and not cfg["silhouette_channels"]:
+            raise ValueError("silhouette_only=True reads classes from the silhouette head: set "
+                             "silhouette_channels > 0 too (e.g. 32)")
+        # silhouette_only: the linear head decides object vs no object only
+        self.class_head = nn.Linear(cfg["hidden_dim"],
+                                    1 if cfg["silhouette_only"] else self.num_classes + 1)
         self.silhouette_head = (SilhouetteClassHead(self.num_classes, cfg["silhouette_channels"])
                                 if cfg["silhouette_channels"] else None)
         self.criterion = CrowdAwareMask2FormerLoss(m2f, weight_dict={})  # crowd: ignored points
@@ -244,15 +249,20 @@ class Mask2FormerSegmenter(Segmenter):
         """``B x Q x (K+1)`` log-probabilities ``[log p(obj) + log p(c | obj), log p(no obj)]``.
 
         The linear head's last logit decides object vs no object; which class an object is
-        comes from its other logits plus, given ``mask_logits``, the silhouette head's. Factorised
+        comes from its other logits plus, given ``mask_logits``, the silhouette head's (with
+        ``silhouette_only``, from the silhouette head alone: query features hold no class, so
+        the class decision cannot drift with them when the teacher adapts). Factorised
         so, a query matched to no object (most of them, many drawing a copy of an object's
         mask) trains only p(obj): in a plain K+1 softmax its loss would push down the very class
         the outline shows, teaching the silhouette head to doubt itself.
         """
-        fg = class_logits[..., :-1]
+        no_obj = class_logits[..., -1:]
+        if self.cfg["silhouette_only"]:  # earlier layers: uniform over the classes
+            fg = no_obj.new_zeros(*no_obj.shape[:-1], self.num_classes)
+        else:
+            fg = class_logits[..., :-1]
         if mask_logits is not None:
             fg = fg + self.silhouette_head(mask_logits)
-        no_obj = class_logits[..., -1:]
         return torch.cat([fg.log_softmax(-1) + nn.functional.logsigmoid(-no_obj),
                           nn.functional.logsigmoid(no_obj)], -1)
 

@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "silhouette_channels": 0,       # > 0: a mask-outline CNN of this width adds to the final
                                     # layer's class logits (heads.SilhouetteClassHead; off in
                                     # every size, an experiment: docs/method.md)
+    "silhouette_only": False,       # True: classes from the silhouette head alone; the linear
+                                    # head keeps only the no-object logit
     # -- projection heads for L_pxl --
     "embed_dim": 128,               # pixel-embedding dimension D
     "ema_momentum": 0.99,           # strong head <- m * strong + (1 - m) * weak after each step

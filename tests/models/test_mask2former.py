@@ -388,3 +388,30 @@ def test_silhouette_loss_trains_the_head_on_the_target_masks():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     empty = [{"masks": torch.zeros(0, 32, 32), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     assert model.compute_losses(model(x), empty)["loss_silhouette"].item() == 0.0
+
+
+def test_silhouette_only_reads_classes_from_the_outline_alone():
+    with pytest.raises(ValueError, match="silhouette_channels > 0"):
+        tiny(silhouette_only=True)
+    model = tiny(silhouette_channels=4, silhouette_only=True)
+    assert model.class_head.out_features == 1  # object vs no object only
+    with torch.no_grad():
+        model.silhouette_head.classify.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    x = torch.rand(2, 3, 32, 32)
+    out = model(x)
+    final_fg = torch.tensor([1.0, 2.0, 3.0]).softmax(-1)
+    for i, (c, _) in enumerate(out.aux + [(out.class_logits, None)]):
+        assert c.shape[-1] == K + 1
+        assert torch.allclose(c.logsumexp(-1), torch.zeros(()), atol=1e-5)
+        fg = c[..., :-1].softmax(-1)
+        want = final_fg if i == len(out.aux) else torch.full((K,), 1.0 / K)
+        assert torch.allclose(fg, want.expand_as(fg), atol=1e-5)
+    with torch.no_grad():
+        model.silhouette_head.classify.weight.normal_()
+    out = model(x, embeddings="weak")
+    loss = model.compute_losses(out, _square_targets(32))["loss"] + out.embed_weak.mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    for name, p in [*model.class_head.named_parameters(), *model.silhouette_head.named_parameters()]:
+        assert p.grad.abs().sum() > 0, name
