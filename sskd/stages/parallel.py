@@ -14,13 +14,17 @@ reproducible for a given ``workers`` setting; with ``workers: 1`` (everything in
 process, all cores per job) the numbers differ slightly, because 1 and 2 intra-op threads sum
 in different orders and AdamW turns tiny differences of near-zero gradients into whole
 learning-rate steps. A failing side job raises in the stage, naming the job and the child's
-traceback; an interrupted stage terminates the child by its PID.
+traceback; an interrupted stage terminates the child by its PID. A stage process that dies
+without running its ``finally`` (SIGTERM, SIGKILL, a crash) cannot do that, so the child also
+watches its parent and exits when the parent is gone, instead of training on as an orphan.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
+import threading
 import traceback
 from pathlib import Path
 from typing import Callable, Iterator
@@ -60,8 +64,30 @@ JOBS: dict[str, Callable[[Run], None]] = {
 }
 
 
+#: exit status of a side process that stopped because its stage process died
+ORPHANED_EXIT_CODE = 75
+
+
+def _exit_with_parent() -> None:
+    """Exit this process as soon as the process that spawned it is gone.
+
+    The parent's sentinel (a pipe whose write end only the parent holds) becomes readable when
+    the parent exits by any means, SIGKILL included, so no signal handler is needed there.
+    """
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(ORPHANED_EXIT_CODE)  # no cleanup: the run dir's files are written atomically
+
+    threading.Thread(target=watch, name="sskd-parent-watch", daemon=True).start()
+
+
 def _child(run_dir: str, jobs: list[str], threads: int, conn) -> None:
     """Entry point of the side process: run ``jobs`` in order, report ok or the traceback."""
+    _exit_with_parent()
     try:
         torch.set_num_threads(threads)
         run = as_run(run_dir)

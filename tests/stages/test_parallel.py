@@ -1,6 +1,13 @@
 """Side processes of a stage: failures surface, interruptions kill the child, results match."""
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +54,66 @@ def test_an_interrupted_stage_terminates_its_side_process(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert torch.get_num_threads() == threads        # the stage's own threads are restored
+
+
+_STAGE_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from sskd.stages import open_run, prepare_data
+    from sskd.stages.parallel import side_jobs
+
+    if __name__ == "__main__":           # the spawned child re-imports this file as __mp_main__
+        root = sys.argv[1]
+        run = open_run("r", preset="smoke", runs_root=root + "/runs", overrides={
+            "cache_dir": root + "/cache", "data.root": root + "/data",
+            "stages.student_pretrain.steps": 10**6})
+        prepare_data(run)
+        with side_jobs(run, ["student_pretrain"]) as proc:
+            print(proc.pid, flush=True)
+            time.sleep(600)
+""")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an exited orphan waits for init to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not _running(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_stage_process_does_not_leave_its_side_process_running(tmp_path, sig):
+    # SIGTERM/SIGKILL end the stage process without its ``finally``; the child must notice
+    script = tmp_path / "stage.py"
+    script.write_text(_STAGE_SCRIPT)
+    stage = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    child = None
+    try:
+        child = int(stage.stdout.readline())
+        assert child != stage.pid and not _gone(child, 1.0)   # the side job is training
+        stage.send_signal(sig)
+        stage.wait(30)
+        assert _gone(child, 30.0), f"side process {child} still runs after its stage got {sig!r}"
+    finally:
+        stage.kill()
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.slow
