@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     run.add_argument("--log-output", action="store_true", help="stream notebook output here")
     run.add_argument("--dry-run", action="store_true",
-                     help="resolve and save the config, print the plan, execute nothing")
+                     help="resolve the config, print the plan, execute nothing (a new run's "
+                          "config.yaml is saved; an existing run dir is left as it is)")
 
     app = sub.add_parser("app", help="open a run in the FiftyOne app")
     app.add_argument("run", help="run name (under --runs-root) or path of a run dir")

@@ -277,5 +277,24 @@ def notebook_inputs(config: Mapping[str, Any], notebook_stem: str) -> dict[str, 
     return {k: v for k, v in flat.items() if not _owned_by(k, later)}
 
 
+def stale_steps(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, ...]:
+    """Steps whose results a change of config ``old`` -> ``new`` (nested dicts) makes stale: the
+    first step whose :func:`notebook_inputs` differ and every later one (they read its results).
+    The rule ``sskd run`` follows to decide which notebooks re-run. Empty when nothing that a
+    result depends on changed (e.g. only ``workers``)."""
+    for i, s in enumerate(STEPS):
+        if inputs_hash(notebook_inputs(old, s.notebook)) != inputs_hash(notebook_inputs(new, s.notebook)):
+            return tuple(t.name for t in STEPS[i:])
+    return ()
+
+
+def step_results(steps: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
+    """``metrics.json`` entries the given steps write: ``{section: [keys]}`` (models, their
+    pseudo-label scores, the steps' and their stand-ins' ``stages`` records)."""
+    tags = [m.tag for m in MODELS if m.step in steps]
+    return {"models": tags, "pseudo_labels": tags,
+            "stages": [s.name for s in STANDINS if s.step in steps] + list(steps)}
+
+
 def inputs_hash(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -11,8 +11,10 @@ Layout::
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from sskd.data.records import write_json_atomic
 
@@ -49,9 +51,11 @@ def update_metrics(path: str | Path, section: str, key: str | None, value: Any) 
     return data
 
 
-def remove_metrics(path: str | Path, entries: dict[str, list[str] | tuple[str, ...]]) -> dict:
-    """Delete ``metrics[section][key]`` for every key listed under its section (missing ones are
-    ignored): what produced them was invalidated. Same lock as :func:`update_metrics`."""
+def remove_metrics(path: str | Path,
+                   entries: Mapping[str, list[str] | tuple[str, ...] | None]) -> dict:
+    """Delete ``metrics[section][key]`` for every key listed under its section, or the whole
+    section when its list is None (missing ones are ignored): what produced them was
+    invalidated. Same lock as :func:`update_metrics`."""
     import fcntl
     path = Path(path)
     if not path.is_file():
@@ -59,10 +63,53 @@ def remove_metrics(path: str | Path, entries: dict[str, list[str] | tuple[str, .
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = read_metrics(path)
-        gone = [(s, k) for s, keys in entries.items() for k in keys
+        whole = [s for s, keys in entries.items() if keys is None and s in data]
+        gone = [(s, k) for s, keys in entries.items() if keys is not None for k in keys
                 if isinstance(data.get(s), dict) and k in data[s]]
+        for section in whole:
+            del data[section]
         for section, key in gone:
             del data[section][key]
-        if gone:
+        if gone or whole:
             write_json_atomic(data, path, indent=2, sort_keys=True)
     return data
+
+
+def drop_stale_results(run_dir: Any, old: Mapping[str, Any] | None,
+                       new: Mapping[str, Any]) -> dict[str, list[str] | None]:
+    """Remove the results a config change makes stale, so ``metrics.json`` and ``report/`` only
+    ever hold what the run's ``config.yaml`` describes.
+
+    ``run_dir``: a :class:`sskd.rundir.RunDir`; ``old``/``new``: the config before and after
+    (nested dicts, ``to_dict(cfg)``). The stale steps are :func:`sskd.graph.stale_steps`; their
+    models' AP, pseudo-label scores and stage records go, and when the report is among them
+    (every change that touches a result) the ablations, the efficiency table and ``report/``.
+    Weights and predictions stay: each stage's own fingerprint decides whether it retrains, so
+    re-running a stage whose inputs did not really change only re-evaluates it. Returns what
+    was removed, ``{section: [keys] or None for all of it}``; logs it.
+    """
+    from sskd.graph import stale_steps, step_results
+    if old is None:
+        return {}
+    steps = stale_steps(old, new)
+    if not steps:
+        return {}
+    entries = step_results(steps)
+    before = read_metrics(run_dir.metrics)
+    if "report" in steps:
+        entries["ablations"] = list(before["ablations"])
+    gone = {s: [k for k in keys if k in before.get(s, {})] for s, keys in entries.items()}
+    gone = {s: keys for s, keys in gone.items() if keys}
+    if "report" in steps and before.get("efficiency"):
+        gone["efficiency"] = None
+    remove_metrics(run_dir.metrics, gone)
+    if "report" in steps and run_dir.report.is_dir():
+        shutil.rmtree(run_dir.report)
+        gone["report"] = [str(run_dir.report)]
+    if gone:
+        logging.getLogger("sskd").warning(
+            "%s: the config changed what %s compute; removed their results, which it no longer "
+            "describes: %s (trained weights stay and are reused where their inputs are unchanged)",
+            run_dir.root, ", ".join(steps),
+            "; ".join(s if k is None else f"{s}: {', '.join(k)}" for s, k in gone.items()))
+    return gone

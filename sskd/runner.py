@@ -36,6 +36,7 @@ from sskd import graph
 from sskd.config import (Config, config_hash, from_dict, load_config, read_config,
                          save_config, to_dict, validate)
 from sskd.locking import run_dir_lock
+from sskd.metrics import drop_stale_results
 from sskd.rundir import RunDir
 
 KERNEL_NAME = "python3"  # the venv's ipykernel (``python -m ipykernel install --sys-prefix``)
@@ -219,7 +220,11 @@ def run_notebooks(run_name: str, preset: str | None = None, runs_root: str | Pat
         else:
             preset = "demo" if preset is None else preset
             cfg, nested = resolve_config(run_name, preset, str(runs_root), params_file, overrides)
-        save_config(cfg, run_dir.config)  # before the first notebook, as the notebooks read it
+        if not dry_run or old is None:  # a dry run changes nothing in an existing run dir
+            # results the new config no longer describes go first, then the config: the
+            # notebooks read it, and metrics.json must never outlive the config that made it
+            drop_stale_results(run_dir, to_dict(old) if old is not None else None, to_dict(cfg))
+            save_config(cfg, run_dir.config)
         params = {"preset": preset, "run_name": run_name, "runs_root": str(runs_root),
                   "overrides": nested}
         inputs = [notebook_inputs(cfg, nb) for nb in notebooks]

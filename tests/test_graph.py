@@ -79,3 +79,30 @@ def test_notebook_inputs_follow_ownership():
     assert graph.config_step("stages.refine.train.steps") == "refine"
     assert graph.config_step("inspect.mistakenness") == "refine"
     assert graph.config_step("seed") is None
+
+
+def _changed(**dotted):
+    from sskd.config import merge_dicts, parse_overrides
+    return merge_dicts(to_dict(Config()), parse_overrides(dotted))
+
+
+def test_stale_steps_are_the_first_changed_one_and_all_later():
+    d = to_dict(Config())
+    all_but_data = ("zero_shot", "adapt_teacher", "transfer", "refine", "report")
+    assert graph.stale_steps(d, d) == ()
+    assert graph.stale_steps(d, _changed(workers=1, device="cpu", run_name="x")) == ()
+    assert graph.stale_steps(d, _changed(**{"stages.refine.train.steps": 7})) == ("refine", "report")
+    assert graph.stale_steps(d, _changed(**{"evaluation.seed_noise_ap": 0.5})) == ("report",)
+    assert graph.stale_steps(d, _changed(**{"stages.transfer.l_pxl": 0.9}))[0] == "transfer"
+    assert graph.stale_steps(d, _changed(**{"student.options": {"x": 1}})) == all_but_data
+    assert graph.stale_steps(d, _changed(seed=3)) == all_but_data
+    assert graph.stale_steps(d, _changed(**{"data.labeled_fraction": 0.05}))[0] == "prepare_data"
+
+
+def test_step_results_name_each_steps_metrics_entries():
+    r = graph.step_results(("refine", "report"))
+    assert r["models"] == ["student_refined"] == r["pseudo_labels"]
+    assert r["stages"] == ["refine", "report"]
+    t = graph.step_results(("transfer",))
+    assert set(t["models"]) == {"student_supervised", "student_transfer"}
+    assert t["stages"] == ["student_pretrain", "transfer"]      # its stand-in's record too

@@ -180,6 +180,25 @@ def _ran(root, name, since):
     return [c["nb"] for c in calls(root, name)[since:]]
 
 
+def test_a_changed_config_drops_the_results_it_no_longer_describes(graph_nbdir, tmp_path):
+    from sskd.metrics import read_metrics, update_metrics
+    from sskd.rundir import RunDir
+    root = tmp_path / "runs"
+    kw = dict(runs_root=root, notebooks_dir=graph_nbdir, cwd=tmp_path, progress_bar=False)
+    run_notebooks("s", preset="smoke", **kw)
+    rd = RunDir(root / "s")
+    for tag in ("teacher_adapted", "student_transfer", "student_refined"):
+        update_metrics(rd.metrics, "models", tag, {"AP": 1.0})
+    before = rd.config.read_text()
+    res = run_notebooks("s", overrides={"stages.refine.train.steps": 20}, dry_run=True, **kw)
+    assert [r.status for r in res] == ["skipped"] * 4 + ["planned"] * 2
+    assert rd.config.read_text() == before           # a dry run leaves the run dir as it is
+    assert "student_refined" in read_metrics(rd.metrics)["models"]
+    run_notebooks("s", overrides={"stages.refine.train.steps": 20}, **kw)
+    assert set(read_metrics(rd.metrics)["models"]) == {"teacher_adapted", "student_transfer"}
+    assert "steps: 20" in rd.config.read_text()
+
+
 def test_rerun_follows_the_stage_graph(graph_nbdir, tmp_path):
     root = tmp_path / "runs"
     kw = dict(runs_root=root, notebooks_dir=graph_nbdir, cwd=tmp_path, progress_bar=False)

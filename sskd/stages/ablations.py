@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 from sskd import graph
-from sskd.config import from_dict, merge_dicts, nest_keys, save_config, to_dict, validate
-from sskd.metrics import read_metrics, remove_metrics, update_metrics
+from sskd.config import (from_dict, merge_dicts, nest_keys, read_config, save_config, to_dict,
+                         validate)
+from sskd.metrics import drop_stale_results, read_metrics, remove_metrics, update_metrics
 from sskd.stages.pipeline import adapt_teacher, transfer
 from sskd.stages.run import Run, as_run, locked, log
 
@@ -85,6 +86,8 @@ def ablation_run(run: Run, name: str, overrides: dict) -> tuple[Run, bool]:
     cfg = from_dict(data)
     validate(cfg)
     child = Run(type(run.dir)(root / name), cfg)
+    if child.dir.config.is_file():  # the child's results from an older config go first
+        drop_stale_results(child.dir, to_dict(read_config(child.dir.config)), to_dict(cfg))
     save_config(cfg, child.dir.config)
     for split in ("labeled", "unlabeled", "val"):
         mirror_file(run.dir.split(split), child.dir.split(split))

@@ -39,15 +39,21 @@ def open_run(run_name: str, preset: str = "demo", runs_root: str | Path = "runs"
     """Create the run dir and its ``config.yaml`` when new; else load it (and apply overrides).
 
     ``overrides`` are dotted config keys (``{"stages.refine.enabled": False}``). On an existing
-    run they are applied and saved, so the run dir always holds the config that produced it.
+    run they are applied and saved, so the run dir always holds the config that produced it;
+    results the change makes stale (the AP of every model of the first step whose inputs
+    changed and of all later steps, the report) are removed first
+    (:func:`sskd.metrics.drop_stale_results`), while trained weights stay for reuse.
     """
     rd = RunDir(Path(runs_root) / run_name)
     if rd.config.is_file():
         cfg = read_config(rd.config)
         if overrides:
             from sskd.config import from_dict, merge_dicts, parse_overrides, to_dict, validate
-            cfg = from_dict(merge_dicts(to_dict(cfg), parse_overrides(overrides)))
+            from sskd.metrics import drop_stale_results
+            old = to_dict(cfg)
+            cfg = from_dict(merge_dicts(old, parse_overrides(overrides)))
             validate(cfg)
+            drop_stale_results(rd, old, to_dict(cfg))
             save_config(cfg, rd.config)
     else:
         cfg = load_config(preset, overrides, run_name=run_name, runs_root=str(runs_root))

@@ -91,10 +91,16 @@ def test_changed_stage_config_retrains_and_recomputes_predictions(tmp_path, capl
     first = (model_file.stat().st_mtime_ns, preds.stat().st_mtime_ns)
     transfer(run, progress=False)                     # same inputs: nothing recomputed
     assert (model_file.stat().st_mtime_ns, preds.stat().st_mtime_ns) == first
+    assert "student_supervised" in read_metrics(run.dir.metrics)["models"]
+    open_run("r", runs_root=str(tmp_path / "runs"), overrides={"workers": 1})
+    assert "student_supervised" in read_metrics(run.dir.metrics)["models"]  # not a result input
     changed = open_run("r", runs_root=str(tmp_path / "runs"),
                        overrides={"stages.student_supervised.train.lr": 0.01})
+    # the saved config no longer describes the old AP: it is gone before anything re-runs
+    assert "student_supervised" not in read_metrics(run.dir.metrics)["models"]
     with caplog.at_level(logging.INFO, logger="sskd"):
         transfer(changed, progress=False)             # new lr: trained and evaluated again
+    assert "student_supervised" in read_metrics(run.dir.metrics)["models"]
     assert "student_supervised: inputs changed since the last run (stage_config)" in caplog.text
     assert model_file.stat().st_mtime_ns != first[0]
     assert preds.stat().st_mtime_ns != first[1]
