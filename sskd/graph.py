@@ -277,23 +277,56 @@ def notebook_inputs(config: Mapping[str, Any], notebook_stem: str) -> dict[str, 
     return {k: v for k, v in flat.items() if not _owned_by(k, later)}
 
 
-def stale_steps(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, ...]:
-    """Steps whose results a change of config ``old`` -> ``new`` (nested dicts) makes stale: the
-    first step whose :func:`notebook_inputs` differ and every later one (they read its results).
-    The rule ``sskd run`` follows to decide which notebooks re-run. Empty when nothing that a
-    result depends on changed (e.g. only ``workers``)."""
-    for i, s in enumerate(STEPS):
-        if inputs_hash(notebook_inputs(old, s.notebook)) != inputs_hash(notebook_inputs(new, s.notebook)):
-            return tuple(t.name for t in STEPS[i:])
-    return ()
+@dataclass(frozen=True)
+class Stale:
+    """What a config change makes stale (:func:`stale_results`)."""
+
+    models: tuple[str, ...]           # model tags, in pipeline order
+    stages: tuple[str, ...]           # ``metrics.json`` ``stages`` keys (stand-ins and steps)
+    report: bool                      # the report step's results (ablations, efficiency, report/)
+
+    def __bool__(self) -> bool:
+        return bool(self.models or self.stages or self.report)
 
 
-def step_results(steps: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
-    """``metrics.json`` entries the given steps write: ``{section: [keys]}`` (models, their
-    pseudo-label scores, the steps' and their stand-ins' ``stages`` records)."""
-    tags = [m.tag for m in MODELS if m.step in steps]
-    return {"models": tags, "pseudo_labels": tags,
-            "stages": [s.name for s in STANDINS if s.step in steps] + list(steps)}
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> set[str]:
+    def flat(d: Mapping[str, Any]) -> dict[str, str]:
+        return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flatten(d).items()
+                if not _owned_by(k, list(EXECUTION_KEYS))}
+    a, b = flat(old), flat(new)
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+def stale_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> Stale:
+    """The results a config change ``old`` -> ``new`` (nested dicts) makes stale, per model.
+
+    A key no step owns (data, models, losses, seed) feeds every model. A model's own
+    ``stages.<key>`` makes it and every model derived from it (:func:`downstream`) stale; a
+    stand-in's (``stages.teacher_pretrain``) every model that starts from it. So a new stage-1a
+    schedule leaves the supervised student's result standing: nothing of it came from the
+    teacher. Other keys of a step (``inspect``) change none of its models' AP. The report
+    (ablations, efficiency, ``report/``) is stale with any model or its own keys. Nothing is
+    stale when only execution keys (``workers``) changed.
+    """
+    models: set[str] = set()
+    stages: set[str] = set()
+    report = False
+    for key in _changed_keys(old, new):
+        owner = config_step(key)
+        if owner in (None, "prepare_data"):
+            return Stale(MODEL_TAGS, stage_order(), True)
+        own = [m.tag for m in models_of(owner)
+               if m.config_key and _owned_by(key, [f"stages.{m.config_key}"])]
+        for s in STANDINS:
+            if _owned_by(key, [f"stages.{s.name}"]):
+                stages.add(s.name)
+                own = [TEACHER_INIT if s.role == "teacher" else STUDENT_INIT]
+        for root in own:
+            models.update(t for t in (root, *downstream(root)) if t in _BY_TAG)
+        report |= owner == "report"
+    stages.update(_BY_TAG[t].step for t in models)
+    return Stale(tuple(t for t in MODEL_TAGS if t in models),
+                 tuple(s for s in stage_order() if s in stages), report or bool(models))
 
 
 def inputs_hash(inputs: Mapping[str, Any]) -> str:

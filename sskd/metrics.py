@@ -81,35 +81,34 @@ def drop_stale_results(run_dir: Any, old: Mapping[str, Any] | None,
     ever hold what the run's ``config.yaml`` describes.
 
     ``run_dir``: a :class:`sskd.rundir.RunDir`; ``old``/``new``: the config before and after
-    (nested dicts, ``to_dict(cfg)``). The stale steps are :func:`sskd.graph.stale_steps`; their
-    models' AP, pseudo-label scores and stage records go, and when the report is among them
-    (every change that touches a result) the ablations, the efficiency table and ``report/``.
+    (nested dicts, ``to_dict(cfg)``). :func:`sskd.graph.stale_results` decides, per model, what
+    the change touched; those models' AP, pseudo-label scores and stage records go, and with any
+    of them (or a report setting) the ablations, the efficiency table and ``report/``.
     Weights and predictions stay: each stage's own fingerprint decides whether it retrains, so
     re-running a stage whose inputs did not really change only re-evaluates it. Returns what
     was removed, ``{section: [keys] or None for all of it}``; logs it.
     """
-    from sskd.graph import stale_steps, step_results
+    from sskd.graph import stale_results
     if old is None:
         return {}
-    steps = stale_steps(old, new)
-    if not steps:
+    stale = stale_results(old, new)
+    if not stale:
         return {}
-    entries = step_results(steps)
     before = read_metrics(run_dir.metrics)
-    if "report" in steps:
-        entries["ablations"] = list(before["ablations"])
-    gone = {s: [k for k in keys if k in before.get(s, {})] for s, keys in entries.items()}
+    entries = {"models": stale.models, "pseudo_labels": stale.models, "stages": stale.stages,
+               "ablations": tuple(before["ablations"]) if stale.report else ()}
+    gone: dict[str, list[str] | None] = {
+        s: [k for k in keys if k in before.get(s, {})] for s, keys in entries.items()}
     gone = {s: keys for s, keys in gone.items() if keys}
-    if "report" in steps and before.get("efficiency"):
+    if stale.report and before.get("efficiency"):
         gone["efficiency"] = None
     remove_metrics(run_dir.metrics, gone)
-    if "report" in steps and run_dir.report.is_dir():
+    if stale.report and run_dir.report.is_dir():
         shutil.rmtree(run_dir.report)
         gone["report"] = [str(run_dir.report)]
     if gone:
         logging.getLogger("sskd").warning(
-            "%s: the config changed what %s compute; removed their results, which it no longer "
-            "describes: %s (trained weights stay and are reused where their inputs are unchanged)",
-            run_dir.root, ", ".join(steps),
+            "%s: the config changed; removed the results it no longer describes: %s (trained "
+            "weights stay and are reused where their inputs are unchanged)", run_dir.root,
             "; ".join(s if k is None else f"{s}: {', '.join(k)}" for s, k in gone.items()))
     return gone

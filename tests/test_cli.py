@@ -59,15 +59,26 @@ def test_run_precedence_preset_file_p_and_saved_config(presets, nbdir, tmp_path,
     assert saved["stages"]["refine"]["enabled"] is False
     assert (saved["preset"], saved["run_name"], saved["runs_root"]) == ("base", "exp", str(tmp_path / "runs"))
 
-    # resume without --preset: the saved config is kept, -p applies on top of it
+    # a dry run leaves an existing run dir alone: saving a config there would either leave
+    # results it no longer describes or drop them, and a dry run must not do either
     assert cli.main(["run", "--name", "exp", "-p", "data.max_val", "2", "--dry-run",
                      "--runs-root", str(tmp_path / "runs"), "--notebooks-dir", str(nbdir)]) == 0
+    assert yaml.safe_load((tmp_path / "runs" / "exp" / "config.yaml").read_text()) == saved
+
+    # resume without --preset: the saved config is kept, -p applies on top of it
+    plain = tmp_path / "plain"   # a notebook that runs under any config
+    plain.mkdir()
+    nb = nbformat.read(nbdir / "00_only.ipynb", as_version=4)
+    nb.cells = nb.cells[:1] + [nbformat.v4.new_code_cell("print(run_name)")]
+    nbformat.write(nb, plain / "00_only.ipynb")
+    assert cli.main(["run", "--name", "exp", "-p", "data.max_val", "2",
+                     "--runs-root", str(tmp_path / "runs"), "--notebooks-dir", str(plain)]) == 0
     again = yaml.safe_load((tmp_path / "runs" / "exp" / "config.yaml").read_text())
     assert again["data"]["max_val"] == 2
     assert {k: v for k, v in again.items() if k != "data"} == {k: v for k, v in saved.items() if k != "data"}
     # an explicit --preset re-resolves from the preset
-    assert cli.main(["run", "--preset", "base", "--name", "exp", "--dry-run",
-                     "--runs-root", str(tmp_path / "runs"), "--notebooks-dir", str(nbdir)]) == 0
+    assert cli.main(["run", "--preset", "base", "--name", "exp",
+                     "--runs-root", str(tmp_path / "runs"), "--notebooks-dir", str(plain)]) == 0
     fresh = yaml.safe_load((tmp_path / "runs" / "exp" / "config.yaml").read_text())
     assert (fresh["seed"], fresh["data"]["max_val"], fresh["stages"]["refine"]["enabled"]) == (1, 4, True)
 

@@ -86,23 +86,30 @@ def _changed(**dotted):
     return merge_dicts(to_dict(Config()), parse_overrides(dotted))
 
 
-def test_stale_steps_are_the_first_changed_one_and_all_later():
+def test_stale_results_follow_what_each_model_is_derived_from():
     d = to_dict(Config())
-    all_but_data = ("zero_shot", "adapt_teacher", "transfer", "refine", "report")
-    assert graph.stale_steps(d, d) == ()
-    assert graph.stale_steps(d, _changed(workers=1, device="cpu", run_name="x")) == ()
-    assert graph.stale_steps(d, _changed(**{"stages.refine.train.steps": 7})) == ("refine", "report")
-    assert graph.stale_steps(d, _changed(**{"evaluation.seed_noise_ap": 0.5})) == ("report",)
-    assert graph.stale_steps(d, _changed(**{"stages.transfer.l_pxl": 0.9}))[0] == "transfer"
-    assert graph.stale_steps(d, _changed(**{"student.options": {"x": 1}})) == all_but_data
-    assert graph.stale_steps(d, _changed(seed=3)) == all_but_data
-    assert graph.stale_steps(d, _changed(**{"data.labeled_fraction": 0.05}))[0] == "prepare_data"
-
-
-def test_step_results_name_each_steps_metrics_entries():
-    r = graph.step_results(("refine", "report"))
-    assert r["models"] == ["student_refined"] == r["pseudo_labels"]
-    assert r["stages"] == ["refine", "report"]
-    t = graph.step_results(("transfer",))
-    assert set(t["models"]) == {"student_supervised", "student_transfer"}
-    assert t["stages"] == ["student_pretrain", "transfer"]      # its stand-in's record too
+    everything = graph.Stale(graph.MODEL_TAGS, graph.stage_order(), True)
+    assert not graph.stale_results(d, d)
+    assert not graph.stale_results(d, _changed(workers=1, device="cpu", run_name="x"))
+    assert graph.stale_results(d, _changed(**{"stages.refine.train.steps": 7})) == \
+        graph.Stale(("student_refined",), ("refine",), True)
+    assert graph.stale_results(d, _changed(**{"evaluation.seed_noise_ap": 0.5})) == \
+        graph.Stale((), (), True)
+    # stage 1a feeds 1b, stage 2 and 3; the supervised baselines come from neither
+    s = graph.stale_results(d, _changed(**{"stages.adapt_1a.train.steps": 3}))
+    assert s.models == ("teacher_1a", "teacher_adapted", "student_transfer", "student_refined")
+    assert s.stages == ("adapt_teacher", "transfer", "refine") and s.report
+    # a stand-in feeds every model that starts from it, and its own stage record goes
+    s = graph.stale_results(d, _changed(**{"stages.student_pretrain.steps": 3}))
+    assert s.models == ("student_supervised", "student_transfer", "student_refined")
+    assert s.stages == ("student_pretrain", "transfer", "refine")
+    s = graph.stale_results(d, _changed(**{"stages.teacher_pretrain.steps": 3}))
+    assert "student_supervised" not in s.models and len(s.models) == 6
+    assert s.stages[0] == "teacher_pretrain"
+    # the FiftyOne export settings change no model's AP
+    assert graph.stale_results(d, _changed(**{"inspect.mistakenness": False})) == \
+        graph.Stale((), (), False)
+    # shared keys feed everything
+    assert graph.stale_results(d, _changed(**{"student.options": {"x": 1}})) == everything
+    assert graph.stale_results(d, _changed(seed=3)) == everything
+    assert graph.stale_results(d, _changed(**{"data.labeled_fraction": 0.05})) == everything

@@ -40,8 +40,8 @@ def open_run(run_name: str, preset: str = "demo", runs_root: str | Path = "runs"
 
     ``overrides`` are dotted config keys (``{"stages.refine.enabled": False}``). On an existing
     run they are applied and saved, so the run dir always holds the config that produced it;
-    results the change makes stale (the AP of every model of the first step whose inputs
-    changed and of all later steps, the report) are removed first
+    results the change makes stale (the AP of every model derived from a changed setting, the
+    report) are removed first
     (:func:`sskd.metrics.drop_stale_results`), while trained weights stay for reuse.
     """
     rd = RunDir(Path(runs_root) / run_name)
