@@ -259,6 +259,11 @@ def _owned_by(key: str, owners: list[str]) -> bool:
     return any(key == o or key.startswith(o + ".") for o in owners)
 
 
+def _result_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened config without the execution keys: every value a result can depend on."""
+    return {k: v for k, v in flatten(config).items() if not _owned_by(k, list(EXECUTION_KEYS))}
+
+
 def notebook_inputs(config: Mapping[str, Any], notebook_stem: str) -> dict[str, Any]:
     """The config values (dotted keys) a stage notebook's results depend on.
 
@@ -266,7 +271,7 @@ def notebook_inputs(config: Mapping[str, Any], notebook_stem: str) -> dict[str, 
     later steps (``stages.refine`` belongs to 04, so changing it leaves 00-03 valid); a step with
     ``reads`` depends on those keys only. An unknown notebook depends on the whole config.
     """
-    flat = {k: v for k, v in flatten(config).items() if not _owned_by(k, list(EXECUTION_KEYS))}
+    flat = _result_keys(config)
     s = step_of_notebook(notebook_stem)
     if s is None:
         return flat
@@ -290,10 +295,8 @@ class Stale:
 
 
 def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> set[str]:
-    def flat(d: Mapping[str, Any]) -> dict[str, str]:
-        return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flatten(d).items()
-                if not _owned_by(k, list(EXECUTION_KEYS))}
-    a, b = flat(old), flat(new)
+    a, b = ({k: json.dumps(v, sort_keys=True, default=str) for k, v in _result_keys(d).items()}
+            for d in (old, new))
     return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
 
 
