@@ -300,10 +300,17 @@ def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> set[str]:
     return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
 
 
+_ROLE_INIT = {"teacher": TEACHER_INIT, "student": STUDENT_INIT}
+
+
 def stale_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> Stale:
     """The results a config change ``old`` -> ``new`` (nested dicts) makes stale, per model.
 
-    A key no step owns (data, models, losses, seed) feeds every model. A model's own
+    A key no step owns (data, losses, seed) feeds every model, except a model's own
+    ``teacher.*`` / ``student.*`` keys: those feed what starts from that role's initial weights
+    (and what is derived from it), as its stand-in's pretraining does, so a new student head
+    leaves the teacher's AP and pseudo-labels standing (not the steps' wall times: side jobs
+    blur which step trained what). A model's own
     ``stages.<key>`` makes it and every model derived from it (:func:`downstream`) stale; a
     stand-in's (``stages.teacher_pretrain``) every model that starts from it. So a new stage-1a
     schedule leaves the supervised student's result standing: nothing of it came from the
@@ -315,6 +322,14 @@ def stale_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> Stale:
     stages: set[str] = set()
     report = False
     for key in _changed_keys(old, new):
+        role = key.split(".", 1)[0]
+        if role in _ROLE_INIT:
+            models.update(t for t in downstream(_ROLE_INIT[role]) if t in _BY_TAG)
+            # every step's wall time: side jobs (the stand-in student, the baselines) run
+            # during other steps' (sskd.stages.parallel), so any step's may include this role's
+            stages.update(s.name for s in STANDINS if s.role == role)
+            stages.update(s for s in stage_order() if s not in {x.name for x in STANDINS})
+            continue
         owner = config_step(key)
         if owner in (None, "prepare_data"):
             return Stale(MODEL_TAGS, stage_order(), True)

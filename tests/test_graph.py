@@ -109,7 +109,16 @@ def test_stale_results_follow_what_each_model_is_derived_from():
     # the FiftyOne export settings change no model's AP
     assert graph.stale_results(d, _changed(**{"inspect.mistakenness": False})) == \
         graph.Stale((), (), False)
+    # a model's own keys feed what starts from it: a new student leaves the teacher's AP
+    s = graph.stale_results(d, _changed(**{"student.options": {"x": 1}}))
+    steps = ("zero_shot", "adapt_teacher", "transfer", "refine")    # wall times overlap
+    assert s == graph.Stale(("student_supervised", "student_transfer", "student_refined"),
+                            ("student_pretrain", *steps), True)
+    # a new teacher changes the pseudo-labels, hence the distilled students, not the baseline
+    s = graph.stale_results(d, _changed(**{"teacher.size": "other"}))
+    assert s.models == ("teacher_zero_shot", "teacher_supervised", "teacher_1a",
+                        "teacher_adapted", "student_transfer", "student_refined")
+    assert s.stages == ("teacher_pretrain", *steps)
     # shared keys feed everything
-    assert graph.stale_results(d, _changed(**{"student.options": {"x": 1}})) == everything
     assert graph.stale_results(d, _changed(seed=3)) == everything
     assert graph.stale_results(d, _changed(**{"data.labeled_fraction": 0.05})) == everything

@@ -84,14 +84,23 @@ def test_a_refine_setting_drops_only_the_refined_student_and_the_report(tmp_path
     assert set(m["pseudo_labels"]) == {"teacher_zero_shot", "teacher_1a", "teacher_adapted"}
 
 
-def test_a_student_setting_drops_every_model_and_an_execution_setting_nothing(tmp_path):
+def test_a_student_setting_drops_the_students_and_an_execution_setting_nothing(tmp_path):
     from sskd.metrics import drop_stale_results
     rd, cfg = _filled_run(tmp_path)
     assert drop_stale_results(rd, cfg, _with(cfg, workers=1)) == {}
     assert drop_stale_results(rd, None, cfg) == {}                   # a new run: nothing to drop
     assert len(read_metrics(rd.metrics)["models"]) == 7 and rd.report.is_dir()
-    # the student is a shared key (every step after the data reads it), like the seed
-    drop_stale_results(rd, cfg, _with(cfg, **{"student.options": {"silhouette_channels": 32}}))
+    # the student's settings feed the students only: the teachers' AP and pseudo-labels stay
+    gone = drop_stale_results(
+        rd, cfg, _with(cfg, **{"student.options": {"silhouette_channels": 32}}))
     m = read_metrics(rd.metrics)
-    assert m["models"] == {} and m["pseudo_labels"] == {}
-    assert m["stages"] == {}              # stand-ins and every timed step are zero_shot or later
+    assert set(m["models"]) == {"teacher_zero_shot", "teacher_supervised", "teacher_1a",
+                                "teacher_adapted"}
+    assert gone["models"] == ["student_supervised", "student_transfer", "student_refined"]
+    assert set(m["pseudo_labels"]) == {"teacher_zero_shot", "teacher_1a", "teacher_adapted"}
+    # every step's wall time may include a student side job; the teacher's pretraining does not
+    assert set(m["stages"]) == {"teacher_pretrain"} and not rd.report.exists()
+    # the seed is shared: everything goes
+    drop_stale_results(rd, cfg, _with(cfg, seed=5))
+    m = read_metrics(rd.metrics)
+    assert m["models"] == {} and m["pseudo_labels"] == {} and m["stages"] == {}
