@@ -328,7 +328,7 @@ def stale_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> Stale:
             # every step's wall time: side jobs (the stand-in student, the baselines) run
             # during other steps' (sskd.stages.parallel), so any step's may include this role's
             stages.update(s.name for s in STANDINS if s.role == role)
-            stages.update(s for s in stage_order() if s not in {x.name for x in STANDINS})
+            stages.update(s.name for s in STEPS if s.timed)
             continue
         owner = config_step(key)
         if owner in (None, "prepare_data"):
