@@ -306,12 +306,10 @@ _ROLE_INIT = {"teacher": TEACHER_INIT, "student": STUDENT_INIT}
 def stale_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> Stale:
     """The results a config change ``old`` -> ``new`` (nested dicts) makes stale, per model.
 
-    A key no step owns (data, losses, seed) feeds every model, except a model's own
-    ``teacher.*`` / ``student.*`` keys: those feed what starts from that role's initial weights
-    (and what is derived from it), as its stand-in's pretraining does, so a new student head
-    leaves the teacher's AP and pseudo-labels standing (not the steps' wall times: side jobs
-    blur which step trained what). A model's own
-    ``stages.<key>`` makes it and every model derived from it (:func:`downstream`) stale; a
+    A key no step owns (data, losses, seed) feeds every model. A role's model keys
+    (``teacher.*``, ``student.*``) feed what starts from that role's initial weights and what
+    is derived from it: a new student head leaves the teachers' AP and pseudo-labels standing.
+    A model's own ``stages.<key>`` makes it and every model derived from it (:func:`downstream`) stale; a
     stand-in's (``stages.teacher_pretrain``) every model that starts from it. So a new stage-1a
     schedule leaves the supervised student's result standing: nothing of it came from the
     teacher. Other keys of a step (``inspect``) change none of its models' AP. The report
@@ -324,9 +322,9 @@ def stale_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> Stale:
     for key in _changed_keys(old, new):
         role = key.split(".", 1)[0]
         if role in _ROLE_INIT:
-            models.update(t for t in downstream(_ROLE_INIT[role]) if t in _BY_TAG)
-            # every step's wall time: side jobs (the stand-in student, the baselines) run
-            # during other steps' (sskd.stages.parallel), so any step's may include this role's
+            models.update(downstream(_ROLE_INIT[role]))
+            # and every step's wall time: side jobs (the stand-in student, the baselines) run
+            # during other steps (sskd.stages.parallel), so any step's may include this role's
             stages.update(s.name for s in STANDINS if s.role == role)
             stages.update(s.name for s in STEPS if s.timed)
             continue
