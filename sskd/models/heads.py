@@ -44,13 +44,13 @@ class SilhouetteClassHead(nn.Module):
     ``sigmoid(mask logits)``, so it is translation-invariant and blind to colour and texture:
     it sees only the shape the decoder drew.
 
-    Why it exists (``silhouette_channels``, off in every size): at 64 px on a CPU, Mask2Former's
-    query features hardly learn which class a shape is; the stand-ins found 75-85% of the
-    target's objects but named the right class barely more often than always answering the
-    commonest one. A silhouette CNN of this kind learns the three classes from ground-truth
-    masks area-pooled to the mask logits' 16 x 16 in a few hundred steps (82-86% right on the
-    target's). The input is detached, so the class loss never bends masks toward class
-    templates; the head learns from the target masks themselves
+    Why it exists (``silhouette_channels``, off in every size, on in the demo preset): at 64 px
+    on a CPU, Mask2Former's query features hardly learn which class a shape is; the stand-ins
+    found 75-85% of the target's objects but named the right class barely more often than
+    always answering the commonest one. A silhouette CNN of this kind learns the three classes
+    from ground-truth masks area-pooled to the mask logits' 16 x 16 in a few hundred steps
+    (82-86% right on the target's). The input is detached, so the class loss never bends masks
+    toward class templates; the head learns from the target masks themselves
     (``Mask2FormerSegmenter._silhouette_loss``) and from the final layer's matched queries. The
     last layer starts at zero. What it changes in the demo is measured in docs/method.md.
     """

@@ -14,12 +14,12 @@ differ only by size (:mod:`sskd.models.sizes`) and options (``trainable``). Data
    head -> per-layer class logits ``B x Q x (K+1)`` and mask logits ``B x Q x H/4 x W/4``.
 5. Weak/strong projection heads on the mask features -> ``B x D x H/4 x W/4`` (L2-normalised).
 
-Option ``silhouette_channels > 0`` (off in every size): a CNN reads the outline of each final-layer
-mask (:class:`~sskd.models.heads.SilhouetteClassHead`) and adds to the class logits, which then
-become factorised log-probabilities ``[log p(obj) + log p(c | obj), log p(no obj)]`` in every
-layer; its own loss classifies the target masks' outlines (``loss_silhouette``, class weight).
-With ``silhouette_only`` the classes come from the outline alone (the linear head keeps only the
-no-object logit).
+Option ``silhouette_channels > 0`` (off in every size; the demo preset turns it on): a CNN reads
+the outline of each final-layer mask (:class:`~sskd.models.heads.SilhouetteClassHead`) and adds
+to the class logits, which then become factorised log-probabilities
+``[log p(obj) + log p(c | obj), log p(no obj)]`` in every layer; its own loss classifies the
+target masks' outlines (``loss_silhouette``, class weight). With ``silhouette_only`` the classes
+come from the outline alone (the linear head keeps only the no-object logit).
 
 Losses: transformers' ``Mask2FormerLoss`` (Hungarian matching, class CE weight 2.0 with
 no-object 0.1, point-sampled mask BCE 5.0 and dice 5.0) on the final layer and, as deep

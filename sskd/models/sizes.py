@@ -60,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "dim_feedforward": 1536,        # decoder FFN width (4 x hidden_dim; 2048 gives 54.8M for the paper student)
     "silhouette_channels": 0,       # > 0: a mask-outline CNN of this width adds to the final
                                     # layer's class logits (heads.SilhouetteClassHead; off in
-                                    # every size, an experiment: docs/method.md)
+                                    # every size, on in the demo preset: docs/method.md)
     "silhouette_only": False,       # True: classes from the silhouette head alone; the linear
                                     # head keeps only the no-object logit
     # -- projection heads for L_pxl --
