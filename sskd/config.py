@@ -189,6 +189,11 @@ class StageConfig:
     l_semi: float = 0.0               # weight of L_semi (pseudo-labels on D_u)
     l_pxl: float = 0.0                # weight of L_pxl
     train: TrainConfig = field(default_factory=TrainConfig)
+    # L_semi's class target. false: the teacher's first choice (the paper's hard pseudo-label);
+    # true: the teacher's class distribution p(c | object) for that mask (a deviation:
+    # docs/method.md, 'Soft class targets'); masks and matching stay hard. Needs a teacher that
+    # gives class probabilities (the Mask2Former family; grounded_sam gives none)
+    soft_classes: bool = field(default=False, metadata={"fingerprint_omit": False})  # soft L_semi classes
 
 
 def _stage(l_semi: float, l_pxl: float, enabled: bool = True) -> Any:
@@ -257,6 +262,21 @@ class Config:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def fingerprint_dict(cfg: Any) -> dict:
+    """:func:`to_dict` for stage fingerprints: a key added after run dirs existed, declared with
+    ``metadata={"fingerprint_omit": v}`` where ``v`` is the value that does what the code did
+    before the key, is left out while it equals ``v``. Upgrading sskd then retrains nothing
+    whose behaviour did not change, and setting the key retrains what it feeds."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "fingerprint_omit" in f.metadata and value == f.metadata["fingerprint_omit"]:
+            continue
+        out[f.name] = fingerprint_dict(value) if dataclasses.is_dataclass(value) \
+            else copy.deepcopy(value)
+    return out
 
 
 def _legacy_model_keys(data: Mapping, path: str) -> dict:

@@ -82,13 +82,20 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
 
 @dataclass
 class Instance:
-    """One object instance: class, box, mask (COCO RLE) and an optional confidence."""
+    """One object instance: class, box, mask (COCO RLE) and an optional confidence.
+
+    ``class_probs``: optional ``K`` probabilities over the classes (a teacher's class
+    distribution for the query that drew this mask; ``class_id`` is its first choice among the
+    ranked hypotheses). Pseudo-labels carry it when a stage trains on soft class targets
+    (``stages.<stage>.soft_classes``).
+    """
 
     class_id: int
     segmentation: dict
     bbox: list[float] = field(default_factory=list)
     score: float | None = None
     iscrowd: int = 0
+    class_probs: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not self.bbox:
@@ -96,12 +103,14 @@ class Instance:
 
     @classmethod
     def from_mask(
-        cls, mask: np.ndarray, class_id: int, score: float | None = None, iscrowd: int = 0
+        cls, mask: np.ndarray, class_id: int, score: float | None = None, iscrowd: int = 0,
+        class_probs: list[float] | None = None,
     ) -> "Instance":
         """Build from an ``H x W`` binary mask; the box is the mask's tight box."""
         rle = encode_mask(mask)
         return cls(class_id=int(class_id), segmentation=rle, bbox=mask_bbox(rle),
-                   score=None if score is None else float(score), iscrowd=int(iscrowd))
+                   score=None if score is None else float(score), iscrowd=int(iscrowd),
+                   class_probs=None if class_probs is None else [float(p) for p in class_probs])
 
     @property
     def area(self) -> float:
@@ -116,13 +125,15 @@ class Instance:
              "segmentation": self.segmentation, "iscrowd": self.iscrowd}
         if self.score is not None:
             d["score"] = round(float(self.score), 6)
+        if self.class_probs is not None:
+            d["class_probs"] = [round(float(p), 5) for p in self.class_probs]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Instance":
         return cls(class_id=int(d["class_id"]), segmentation=d["segmentation"],
                    bbox=list(d.get("bbox") or []), score=d.get("score"),
-                   iscrowd=int(d.get("iscrowd", 0)))
+                   iscrowd=int(d.get("iscrowd", 0)), class_probs=d.get("class_probs"))
 
 
 @dataclass

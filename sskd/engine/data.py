@@ -84,6 +84,8 @@ class Sample:
     masks: torch.Tensor   # N x h0 x w0 bool, crowd instances excluded
     labels: torch.Tensor  # N long
     ignore: torch.Tensor | None = None  # h0 x w0 bool union of crowd regions, None when none
+    class_probs: torch.Tensor | None = None  # N x K soft class targets, None unless every
+    # instance carries one (pseudo-labels of a stage with ``soft_classes``)
 
 
 def hard_pseudo_labels(record: ImageRecord, cfg: PseudoLabelConfig) -> ImageRecord:
@@ -145,10 +147,13 @@ class SampleCache:
             labels = torch.tensor([i.class_id for i in things], dtype=torch.long)
             keep = masks.flatten(1).any(1)  # an instance may vanish when downsized
             ignore = self._resize_masks(crowd, record, size).any(0) if crowd else None
-            value = (masks[keep], labels[keep], ignore)
+            probs = None
+            if things and all(i.class_probs is not None for i in things):
+                probs = torch.tensor([i.class_probs for i in things], dtype=torch.float32)[keep]
+            value = (masks[keep], labels[keep], ignore, probs)
             self._put(key, value)
-        masks, labels, ignore = value
-        return Sample(image, masks, labels, ignore)
+        masks, labels, ignore, probs = value
+        return Sample(image, masks, labels, ignore, probs)
 
     @staticmethod
     def _resize_masks(instances, record: ImageRecord, size: tuple[int, int]) -> torch.Tensor:

@@ -49,11 +49,13 @@ def _done_ids(partial: Path) -> set[int]:
 
 
 def prediction_to_record(pred: Prediction, record: ImageRecord,
-                         extent: tuple[int, int] | None = None) -> ImageRecord:
+                         extent: tuple[int, int] | None = None,
+                         class_probs: bool = False) -> ImageRecord:
     """Masks at model resolution -> instances at the record's original resolution.
 
     ``extent``: ``(h, w)`` of the image inside a padded input; the masks (``N x H x W``) are
-    cropped to ``[:h, :w]`` before the resize (``None``: no padding).
+    cropped to ``[:h, :w]`` before the resize (``None``: no padding). ``class_probs``: keep
+    each instance's class distribution (soft pseudo-label targets), when the model gives one.
     """
     masks = pred.masks
     if extent is not None:
@@ -61,10 +63,13 @@ def prediction_to_record(pred: Prediction, record: ImageRecord,
     if masks.shape[0] and masks.shape[-2:] != (record.height, record.width):
         masks = F.interpolate(masks[None].float(), size=(record.height, record.width),
                               mode="nearest")[0].bool()
+    dists = pred.class_probs.tolist() if class_probs and pred.class_probs is not None \
+        else [None] * len(pred)
     insts = []
-    for m, c, s in zip(masks.cpu().numpy(), pred.class_ids.tolist(), pred.scores.tolist()):
+    for m, c, s, d in zip(masks.cpu().numpy(), pred.class_ids.tolist(), pred.scores.tolist(), dists):
         if m.any():
-            insts.append(Instance.from_mask(m.astype(np.uint8), int(c), score=float(s)))
+            insts.append(Instance.from_mask(m.astype(np.uint8), int(c), score=float(s),
+                                            class_probs=d))
     return ImageRecord(record.file_name, record.height, record.width, record.image_id, insts)
 
 
@@ -81,9 +86,11 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
                      device: str | torch.device = "cpu", skip_ids: set[int] | None = None,
                      cache: SampleCache | None = None, progress: bool = False,
                      desc: str = "predict",
-                     geometry: InputGeometry | None = None) -> Iterator[ImageRecord]:
+                     geometry: InputGeometry | None = None,
+                     class_probs: bool = False) -> Iterator[ImageRecord]:
     """Yield one predicted :class:`ImageRecord` per image of ``dataset`` (in order), masks at
-    each record's original size. ``geometry`` overrides the square ``input_size``."""
+    each record's original size. ``geometry`` overrides the square ``input_size``;
+    ``class_probs`` keeps each instance's class distribution (:func:`prediction_to_record`)."""
     device = torch.device(device)
     model.to(device).eval()
     overlapping = masks_overlap(cfg)
@@ -101,14 +108,14 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
                               max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold,
                               overlapping=overlapping)
         for rec, img, pred in zip(chunk, loaded, preds):
-            yield prediction_to_record(pred, rec, tuple(img.shape[-2:]))
+            yield prediction_to_record(pred, rec, tuple(img.shape[-2:]), class_probs)
 
 
 def predict_to_jsonl(model: Segmenter, dataset: Dataset, out_path: str | Path,
                      cfg: PseudoLabelConfig | EvaluationConfig, *, input_size: int = 64,
                      batch_size: int = 16, device: str | torch.device = "cpu",
                      progress: bool = False, desc: str = "predict",
-                     geometry: InputGeometry | None = None) -> Path:
+                     geometry: InputGeometry | None = None, class_probs: bool = False) -> Path:
     """Stream predictions of every image to ``out_path`` (JSON lines), resumable.
 
     Returns ``out_path``; if it already exists the work is considered done and nothing runs.
@@ -123,7 +130,7 @@ def predict_to_jsonl(model: Segmenter, dataset: Dataset, out_path: str | Path,
         for n, rec in enumerate(iter_predictions(model, dataset, cfg, input_size=input_size,
                                                  batch_size=batch_size, device=device,
                                                  skip_ids=done, progress=progress, desc=desc,
-                                                 geometry=geometry)):
+                                                 geometry=geometry, class_probs=class_probs)):
             f.write(json.dumps(rec.to_dict()) + "\n")
             if n % 64 == 63:
                 f.flush()

@@ -25,7 +25,8 @@ def _views(sample: Sample, generator: torch.Generator, geometry: InputGeometry, 
     from sskd.data.views import make_views
     if not augment:
         valid = torch.ones(sample.image.shape[-2:], dtype=torch.bool)
-        return sample.image, sample.image, sample.masks, sample.labels, valid, sample.ignore
+        return (sample.image, sample.image, sample.masks, sample.labels, sample.class_probs,
+                valid, sample.ignore)
     if geometry.aspect or geometry.train_crop is not None:
         v = make_views(sample.image, sample.masks, generator, out_size=geometry.crop,
                        base_size=tuple(sample.image.shape[-2:]), ignore=sample.ignore,
@@ -33,7 +34,8 @@ def _views(sample: Sample, generator: torch.Generator, geometry: InputGeometry, 
     else:  # the square pipeline, exactly as it always ran
         v = make_views(sample.image, sample.masks, generator, out_size=geometry.input_size,
                        ignore=sample.ignore, scale_range=geometry.scale_range)
-    return v.weak, v.strong, v.masks, sample.labels[v.keep], v.valid, v.ignore
+    probs = sample.class_probs[v.keep] if sample.class_probs is not None else None
+    return v.weak, v.strong, v.masks, sample.labels[v.keep], probs, v.valid, v.ignore
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -75,9 +77,11 @@ class StepBatches(torch.utils.data.Dataset):
             rec = self.labeled[idx] if kind == "l" else self.unlabeled[idx]
             sample = self.cache.sample(rec, tag=0 if kind == "l" else 1)
             g = torch.Generator().manual_seed(step_seed(self.seed, step, 1 + slot))
-            w, s, m, lab, ok, ign = _views(sample, g, self.geometry, self.augment)
+            w, s, m, lab, probs, ok, ign = _views(sample, g, self.geometry, self.augment)
             weak.append(w), strong.append(s), valid.append(ok), kinds.append(kind)
             t = {"masks": m.float(), "labels": lab}
+            if probs is not None:  # soft class targets (stages.<stage>.soft_classes)
+                t["class_probs"] = probs
             if ign is not None and bool(ign.any()):
                 t["ignore"] = ign
             targets.append(t)
@@ -91,7 +95,8 @@ def _collate(weak, strong, valid, targets, kinds) -> Batch:
         size = pad_batch(weak).shape[-2:]
         pad = lambda x: torch.nn.functional.pad(x, (0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2]))  # noqa: E731
         valid = [pad(v) for v in valid]
-        targets = [{k: pad(v) if k != "labels" else v for k, v in t.items()} for t in targets]
+        targets = [{k: pad(v) if k not in ("labels", "class_probs") else v for k, v in t.items()}
+                   for t in targets]
         weak, strong = [pad(w) for w in weak], [pad(s) for s in strong]
     return Batch(torch.stack(weak), torch.stack(strong), torch.stack(valid), targets, kinds)
 

@@ -56,6 +56,9 @@ class Prediction:
     masks: torch.Tensor      # N x H x W bool
     class_ids: torch.Tensor  # N long, in [0, C)
     scores: torch.Tensor     # N float, in [0, 1]
+    # N x C: the class distribution p(c | object) of the query behind each instance (sums to
+    # 1; class_ids is one of its ranked hypotheses); None when the model has none to give
+    class_probs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.class_ids.numel())
@@ -272,15 +275,17 @@ def postprocess_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         binary = m > mask_threshold
         mask_score = (m * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
         final = scores * mask_score
+        dist = probs[b, q_idx]
+        dist = dist / dist.sum(-1, keepdim=True).clamp(min=1e-12)  # p(c | object) per query
         keep = (final >= score_threshold) & binary.flatten(1).any(1)
-        final, cls, binary = final[keep], cls[keep], binary[keep]
+        final, cls, binary, dist = final[keep], cls[keep], binary[keep], dist[keep]
         order = final.argsort(descending=True)
-        final, cls, binary = final[order], cls[order], binary[order]
+        final, cls, binary, dist = final[order], cls[order], binary[order], dist[order]
         if not overlapping:
             binary = resolve_overlaps(binary)
         nonempty = binary.flatten(1).any(1)
         results.append(Prediction(binary[nonempty], cls[nonempty].long(),
-                                  final[nonempty].clamp(0, 1)))
+                                  final[nonempty].clamp(0, 1), dist[nonempty]))
     return results
 
 

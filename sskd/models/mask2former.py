@@ -44,7 +44,8 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerMaskedAttentionDecoderLayer, Mask2FormerPixelDecoder,
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, Mask2FormerTransformerModule)
 
-from sskd.losses.crowd import CrowdAwareMask2FormerLoss, ignore_maps
+from sskd.losses.crowd import ignore_maps
+from sskd.losses.soft_classes import SoftClassMask2FormerLoss, soft_class_cross_entropy
 from sskd.models.base import Segmenter, SegmenterOutput, register_model
 from sskd.models.dpt_neck import DPTNeck
 from sskd.models.heads import ProjectionHead, SilhouetteClassHead, ema_update
@@ -181,7 +182,8 @@ class Mask2FormerSegmenter(Segmenter):
                                     1 if cfg["silhouette_only"] else self.num_classes + 1)
         self.silhouette_head = (SilhouetteClassHead(self.num_classes, cfg["silhouette_channels"])
                                 if cfg["silhouette_channels"] else None)
-        self.criterion = CrowdAwareMask2FormerLoss(m2f, weight_dict={})  # crowd: ignored points
+        # crowd regions: ignored points; soft class targets when pseudo-labels carry them
+        self.criterion = SoftClassMask2FormerLoss(m2f, weight_dict={})
         self.loss_weights = {"loss_cross_entropy": float(cfg["class_weight"]),
                              "loss_mask": float(cfg["mask_weight"]),
                              "loss_dice": float(cfg["dice_weight"])}
@@ -284,10 +286,12 @@ class Mask2FormerSegmenter(Segmenter):
 
         ``targets``: ``B`` dicts ``{"masks": N x H x W, "labels": N}`` (``N`` may be 0; masks at
         any resolution, usually the input's), optionally ``"ignore": H x W`` bool crowd regions
-        (left out of the mask losses' sampled points). Returns ``loss`` (weighted sum over the final and
-        every auxiliary prediction) and the final layer's unweighted ``loss_ce``, ``loss_mask``,
-        ``loss_dice``; with ``silhouette_channels`` also ``loss_silhouette`` (in ``loss`` at the
-        class weight).
+        (left out of the mask losses' sampled points) and ``"class_probs": N x K`` soft class
+        targets (rows sum to 1; the class term's target for the matched queries and the
+        silhouette head's, :mod:`sskd.losses.soft_classes`; matching keeps ``labels``).
+        Returns ``loss`` (weighted sum over the final and every auxiliary prediction) and the
+        final layer's unweighted ``loss_ce``, ``loss_mask``, ``loss_dice``; with
+        ``silhouette_channels`` also ``loss_silhouette`` (in ``loss`` at the class weight).
         """
         B = outputs.class_logits.shape[0]
         if len(targets) != B:
@@ -304,12 +308,13 @@ class Mask2FormerSegmenter(Segmenter):
                                  f"got {lab.tolist()}")
             masks.append(m.to(device=device, dtype=torch.float32))
             labels.append(lab)
+        soft = self._soft_targets(targets, labels)
         aux = [{"masks_queries_logits": m.float(), "class_queries_logits": c.float()}
                for c, m in outputs.aux]
         # matching costs and point losses in float32 even inside an AMP region (fp16 matmuls
         # of the pair-wise BCE/dice costs lose precision and can overflow)
         with torch.autocast(device_type=device.type, enabled=False):
-            with self.criterion.ignoring(ignore_maps(targets)):  # crowd regions, if any
+            with self.criterion.ignoring(ignore_maps(targets)), self.criterion.soft_targets(soft):
                 raw = self.criterion(masks_queries_logits=outputs.mask_logits.float(),
                                      class_queries_logits=outputs.class_logits.float(),
                                      mask_labels=masks, class_labels=labels,
@@ -321,12 +326,30 @@ class Mask2FormerSegmenter(Segmenter):
         out = {"loss": total, "loss_ce": raw["loss_cross_entropy"], "loss_mask": raw["loss_mask"],
                "loss_dice": raw["loss_dice"]}
         if self.silhouette_head is not None:
-            out["loss_silhouette"] = self._silhouette_loss(masks, labels, outputs.mask_logits.shape[-2:])
+            out["loss_silhouette"] = self._silhouette_loss(masks, labels, outputs.mask_logits.shape[-2:],
+                                                           soft)
             out["loss"] = total + self.loss_weights["loss_cross_entropy"] * out["loss_silhouette"]
         return out
 
+    def _soft_targets(self, targets: list[dict], labels: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Per-image ``N x K`` class targets when any target has ``class_probs`` (the others'
+        labels as one-hot rows), else None (hard labels everywhere)."""
+        if not any("class_probs" in t for t in targets):
+            return None
+        out = []
+        for i, (t, lab) in enumerate(zip(targets, labels)):
+            if "class_probs" not in t:
+                out.append(nn.functional.one_hot(lab, self.num_classes).float())
+                continue
+            p = torch.as_tensor(t["class_probs"], device=lab.device, dtype=torch.float32)
+            if p.shape != (lab.numel(), self.num_classes):
+                raise ValueError(f"target {i}: class_probs must be N x K = {lab.numel()} x "
+                                 f"{self.num_classes}, got shape {tuple(p.shape)}")
+            out.append(p)
+        return out
+
     def _silhouette_loss(self, masks: list[torch.Tensor], labels: list[torch.Tensor],
-                         size: tuple[int, int]) -> torch.Tensor:
+                         size: tuple[int, int], soft: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Cross-entropy of the silhouette head on the target masks themselves.
 
         Through the queries alone the head learns too slowly: early masks are blobs, and a
@@ -340,6 +363,8 @@ class Mask2FormerSegmenter(Segmenter):
         if not fractions:
             return masks[0].new_zeros(()) if masks else torch.zeros(())
         logits = self.silhouette_head.from_probabilities(torch.cat(fractions)[None])[0]
+        if soft is not None:  # the teacher's class distribution of each pseudo-label
+            return soft_class_cross_entropy(logits.float(), torch.cat(soft))
         return nn.functional.cross_entropy(logits.float(), torch.cat(labels))
 
     # ------------------------------------------------------------------------------ training

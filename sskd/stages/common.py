@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from sskd.config import ModelConfig, StageConfig, TrainConfig, config_hash, to_dict
+from sskd.config import (ModelConfig, StageConfig, TrainConfig, config_hash, fingerprint_dict,
+                         to_dict)
 from sskd.data.records import Dataset, iter_records_jsonl, write_json_atomic
 from sskd.engine.data import InputGeometry
 from sskd.engine.inference import masks_overlap, predict_to_jsonl
@@ -206,7 +207,7 @@ def fingerprint(*parts: object) -> str:
             for r in part.records:
                 h.update(json.dumps(r.to_dict(), sort_keys=True).encode())
         else:
-            h.update(json.dumps(to_dict(part) if dataclasses.is_dataclass(part) else part,
+            h.update(json.dumps(fingerprint_dict(part) if dataclasses.is_dataclass(part) else part,
                                 sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 
@@ -245,6 +246,8 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     paths = TrainPaths.in_dir(run.dir.root, stage)
     fp_file = run.dir.checkpoint_dir(stage) / "fingerprint.json"
     trainable = trainable_parts(model, trainable)
+    if unlabeled is not None:
+        unlabeled = soft_class_targets(unlabeled, stage, sc)
     parts = {"stage_config": sc, "seed": run.cfg.seed, "trainable": list(trainable),
              "pixel_contrast": run.cfg.pixel_contrast, "pseudo_label": run.cfg.pseudo_label,
              "input_size": input_geometry(run).describe(), "initial_weights": model,
@@ -272,14 +275,59 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     return load_model(paths.model_dir)
 
 
+def wants_class_probs(cfg) -> bool:
+    """Whether pseudo-labels keep the teacher's class distributions: some stage trains on them
+    with ``soft_classes`` (otherwise the files stay as they were, without them)."""
+    st = cfg.stages
+    return any(sc.soft_classes and sc.l_semi > 0 for sc in (st.adapt_1b, st.transfer))
+
+
+def _config_key(stage: str) -> str:
+    """``stages.<this>`` of a model stage (its tag for stages outside the graph)."""
+    from sskd import graph
+    try:
+        return graph.model(stage).config_key or stage
+    except KeyError:
+        return stage
+
+
+def soft_class_targets(unlabeled: Dataset, stage: str, sc: StageConfig) -> Dataset:
+    """The pseudo-labels a stage trains on: with ``soft_classes`` every instance must carry the
+    teacher's class distribution (else a clear error); without, the distributions are dropped
+    (so they neither reach the loss nor change the stage's fingerprint)."""
+    if not sc.soft_classes or sc.l_semi <= 0:
+        if not any(i.class_probs is not None for r in unlabeled.records for i in r.instances):
+            return unlabeled
+        records = [dataclasses.replace(r, instances=[dataclasses.replace(i, class_probs=None)
+                                                     for i in r.instances])
+                   for r in unlabeled.records]
+        return dataclasses.replace(unlabeled, records=records)
+    insts = [i for r in unlabeled.records for i in r.instances]
+    missing = sum(i.class_probs is None for i in insts)
+    if missing:
+        raise ValueError(
+            f"stages.{_config_key(stage)}.soft_classes is true but {missing} of {len(insts)} "
+            f"pseudo-labelled instances in {unlabeled.name!r} carry no class distribution "
+            "(a teacher without class probabilities, e.g. grounded_sam, or pseudo-labels written "
+            "before the setting was on): re-run the teacher's pseudo-labelling (`sskd run --from "
+            "adapt_teacher`), or set soft_classes: false")
+    bad = [i.class_probs for i in insts if len(i.class_probs) != len(unlabeled.classes)]
+    if bad:
+        raise ValueError(f"pseudo-labels {unlabeled.name!r}: class_probs of length {len(bad[0])}, "
+                         f"expected one per class ({len(unlabeled.classes)}): re-run the "
+                         "teacher's pseudo-labelling (`sskd run --from adapt_teacher`)")
+    return unlabeled
+
+
 def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str,
-             thresholds) -> Path:
+             thresholds, class_probs: bool = False) -> Path:
     """predict_to_jsonl, recomputed when the model, the images or the thresholds changed."""
     # only what changes the predictions (not e.g. the report's evaluation.seed_noise_ap),
     # including how disjoint masks are made (a file made by an older rule is recomputed)
     overlap = ["overlapping"] if masks_overlap(thresholds) else ["disjoint", MIN_KEPT_FRACTION]
     fp = fingerprint(model, dataset, [thresholds.score_threshold, thresholds.max_instances,
-                                      thresholds.mask_threshold, overlap],
+                                      thresholds.mask_threshold, overlap]
+                     + (["class_probs"] if class_probs else []),
                      input_geometry(run).describe())
     side = out.with_name(out.name + ".fingerprint")
     if not side.is_file() or side.read_text() != fp:
@@ -288,7 +336,7 @@ def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str,
         out.parent.mkdir(parents=True, exist_ok=True)
         side.write_text(fp)
     return predict_to_jsonl(model, dataset, out, thresholds, geometry=input_geometry(run),
-                            device=run.device, desc=desc)
+                            device=run.device, desc=desc, class_probs=class_probs)
 
 
 def evaluate_model(run: Run, model: Segmenter, tag: str, val: Dataset) -> dict:
@@ -327,7 +375,7 @@ def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Da
     ``metrics["pseudo_labels"][tag]`` (never used for training).
     """
     path = _predict(run, model, unlabeled, run.dir.pseudo_labels(tag), f"pseudo-label {tag}",
-                    run.cfg.pseudo_label)
+                    run.cfg.pseudo_label, class_probs=wants_class_probs(run.cfg))
     records = list(iter_records_jsonl(path))
     if any(r.instances for r in unlabeled.records):
         from sskd.evaluation.coco_eval import evaluate_masks

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from sskd.config import PseudoLabelConfig
@@ -98,3 +99,40 @@ def test_evaluation_config_ranks_overlapping_masks_pseudo_labels_do_not(toy):
     assert max(coverage(r) for r in ev) > 1      # some pixel ranked under several hypotheses
     assert max(coverage(r) for r in pl) <= 1
     assert sum(len(r.instances) for r in ev) > sum(len(r.instances) for r in pl)
+
+
+def test_each_instance_carries_its_querys_class_distribution():
+    """Soft pseudo-label targets: an instance's ``class_probs`` is p(c | object) of the query
+    that drew it (both hypotheses of query 0 carry the same row), written only when asked."""
+    from sskd.models.base import postprocess_instances
+    cls = torch.full((1, 2, 4), -9.0)
+    cls[0, 0, :2] = torch.tensor([2.0, 1.5])
+    cls[0, 1, 2:] = torch.tensor([0.0, 1.0])
+    mask = torch.full((1, 2, 8, 8), -9.0)
+    mask[0, 0, :4, :4] = 9.0
+    mask[0, 1, 2:8, 2:6] = 9.0
+    (ovl,) = postprocess_instances(cls, mask, (8, 8), score_threshold=0.05, overlapping=True)
+    fg = cls[0, :, :3].softmax(-1)  # p(c | object) of each query
+    for c, probs in zip(ovl.class_ids.tolist(), ovl.class_probs):
+        q = 1 if c == 2 else 0
+        assert torch.allclose(probs, fg[q], atol=1e-5) and probs.sum() == pytest.approx(1.0)
+
+
+def test_pseudo_label_files_keep_class_distributions_only_when_asked(toy, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("mask2former", 3, size="tiny")
+    cfg = PseudoLabelConfig(score_threshold=0.0, max_instances=3)
+    hard = predict_to_jsonl(model, toy, tmp_path / "hard.jsonl", cfg, input_size=32)
+    soft = predict_to_jsonl(model, toy, tmp_path / "soft.jsonl", cfg, input_size=32,
+                            class_probs=True)
+    assert "class_probs" not in hard.read_text()
+    from sskd.data.records import iter_records_jsonl
+    n = 0
+    for h, s in zip(iter_records_jsonl(hard), iter_records_jsonl(soft)):
+        assert [i.class_id for i in h.instances] == [i.class_id for i in s.instances]
+        for inst in s.instances:
+            assert len(inst.class_probs) == 3 and sum(inst.class_probs) == pytest.approx(1, abs=1e-4)
+            n += 1
+        # the JSON round trip keeps them
+        assert type(s).from_dict(json.loads(json.dumps(s.to_dict()))).to_dict() == s.to_dict()
+    assert n > 0

@@ -273,3 +273,72 @@ def test_invalidation_disabled_stages_and_ablations_follow_the_config(tmp_path):
     run = open_run("r", runs_root=str(tmp_path / "runs"), overrides={"ablations": {}})
     assert run_ablations(run, progress=False) == {}
     assert not child.exists() and read_metrics(run.dir.metrics)["ablations"] == {}
+
+
+def test_soft_class_targets_relabel_d_u_and_retrain_only_stage_2(tmp_path, caplog):
+    """Setting ``stages.transfer.soft_classes`` on a finished run: the adapted teacher labels D_u
+    again with its class distributions (stage 1 is not retrained: the key at its default is
+    not part of any fingerprint), and only stage 2 trains again, on those targets."""
+    # untrained smoke teachers: keep every mask (one per image once made disjoint)
+    run = _open(tmp_path, **{"pseudo_label.score_threshold": 0.0, "pseudo_label.mask_threshold": 0.0,
+                             "stages.refine.enabled": False, "ablations": {},
+                             "stages.teacher_supervised.enabled": False})
+    prepare_data(run)
+    zero_shot(run, progress=False)
+    adapt_teacher(run, progress=False)
+    transfer(run, progress=False)
+    pl_file = run.dir.pseudo_labels("teacher_adapted")
+    assert "class_probs" not in pl_file.read_text()
+    teacher = run.dir.model_dir("teacher_adapted") / "model.pt"
+    student = run.dir.model_dir("student_transfer") / "model.pt"
+    before = (teacher.stat().st_mtime_ns, student.stat().st_mtime_ns)
+
+    soft = open_run("r", runs_root=str(tmp_path / "runs"),
+                    overrides={"stages.transfer.soft_classes": True})
+    with caplog.at_level(logging.INFO, logger="sskd"):
+        adapt_teacher(soft, progress=False)  # teachers load; their pseudo-labels gain the rows
+        transfer(soft, progress=False)
+    assert teacher.stat().st_mtime_ns == before[0]
+    assert "teacher_adapted: already trained with these inputs" in caplog.text
+    assert "student_transfer: inputs changed since the last run" in caplog.text
+    assert student.stat().st_mtime_ns != before[1]
+    recs = list(iter_records_jsonl(pl_file))
+    insts = [i for r in recs for i in r.instances]
+    assert insts and all(len(i.class_probs) == 3 and abs(sum(i.class_probs) - 1) < 1e-3
+                         for i in insts)
+    assert "student_transfer" in read_metrics(run.dir.metrics)["models"]
+
+    # a file written before the setting (the teacher step skipped) is labelled again by stage 2
+    caplog.clear()
+    pl_file.write_text("".join(json.dumps({**r.to_dict(), "instances": [
+        {k: v for k, v in i.to_dict().items() if k != "class_probs"} for i in r.instances]}) + "\n"
+        for r in recs))
+    with caplog.at_level(logging.INFO, logger="sskd"):
+        transfer(soft, progress=False)
+    assert "carry no class distributions; labelling D_u again" in caplog.text
+    assert all(i.class_probs for r in iter_records_jsonl(pl_file) for i in r.instances)
+
+
+def test_soft_classes_need_pseudo_labels_with_class_distributions():
+    from sskd.config import StageConfig
+    from sskd.data.records import Dataset, ImageRecord, Instance
+    from sskd.stages.common import fingerprint, soft_class_targets
+    import numpy as np
+    m = np.zeros((4, 4), np.uint8)
+    m[1:3, 1:3] = 1
+    ds = Dataset([ImageRecord("x.png", 4, 4, 1, [Instance.from_mask(m, 1, 0.9)]),
+                  ImageRecord("y.png", 4, 4, 2, [Instance.from_mask(m, 0, 0.8, class_probs=[.6, .4])])],
+                 ["a", "b"], "pseudo_teacher_adapted")
+    with pytest.raises(ValueError, match=r"stages.transfer.soft_classes is true but 1 of 2 .*"
+                                         r"sskd run --from adapt_teacher"):
+        soft_class_targets(ds, "student_transfer", StageConfig(l_semi=1.0, soft_classes=True))
+    # off: the distributions are dropped, so they reach neither the loss nor the fingerprint
+    hard = soft_class_targets(ds, "student_transfer", StageConfig(l_semi=1.0))
+    assert all(i.class_probs is None for r in hard.records for i in r.instances)
+    assert fingerprint(hard) != fingerprint(ds)
+    # a key added later, at its default, leaves a stage's fingerprint as it was before the key
+    sc = StageConfig(l_semi=1.0)
+    import dataclasses
+    old = {k: v for k, v in dataclasses.asdict(sc).items() if k != "soft_classes"}
+    assert fingerprint(sc) == fingerprint(old)
+    assert fingerprint(dataclasses.replace(sc, soft_classes=True)) != fingerprint(sc)
