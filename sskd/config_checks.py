@@ -198,6 +198,12 @@ def problems(cfg, prefix: str = "") -> list[str]:
         c.at_least(f"stages.{name}.l_pxl", sc.l_pxl, 0)
         _train(c, f"stages.{name}.train", sc.train, 1,
                f" (to skip the stage set stages.{name}.enabled: false)")
+        if sc.soft_classes:  # the teacher's class distributions as L_semi targets
+            c.need(sc.l_semi > 0, f"stages.{name}.soft_classes", True,
+                   f"false where stages.{name}.l_semi is 0 (no pseudo-labels to take them from)")
+            c.need(cfg.teacher.name != "grounded_sam", f"stages.{name}.soft_classes", True,
+                   "false with teacher.name grounded_sam (its pseudo-labels carry no class "
+                   "distribution: a box score per class name, not probabilities over the classes)")
     bad_fields = [f for f in cfg.inspect.view_fields
                   if not (isinstance(f, str) and f.startswith(FIELD_PREFIXES))]
     c.need(not bad_fields, "inspect.view_fields", cfg.inspect.view_fields,

@@ -70,6 +70,7 @@ BAD = [
     ("workers", 0, ">= 1"),
     ("seed", -1, ">= 0"),
     ("inspect.view_fields", ["teacher_adapted"], "pl_<tag>"),
+    ("stages.refine.soft_classes", True, "false where stages.refine.l_semi is 0"),
 ]
 
 
@@ -95,6 +96,14 @@ def test_bad_value_fails_when_a_saved_config_is_read(tmp_path, key, value, allow
     with pytest.raises(ConfigError) as e:
         read_config(path)
     assert str(path) in str(e.value) and key in str(e.value) and allowed in str(e.value)
+
+
+def test_soft_classes_need_a_teacher_with_class_distributions():
+    with pytest.raises(ConfigError, match=r"stages.transfer.soft_classes = True: must be false "
+                                          r"with teacher.name grounded_sam"):
+        load_config("smoke", {"teacher.name": "grounded_sam", "teacher.size": "tiny",
+                              "stages.transfer.soft_classes": True})
+    assert load_config("smoke", {"stages.transfer.soft_classes": True}).stages.transfer.soft_classes
 
 
 def test_every_error_is_reported_at_once():
