@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -76,6 +77,7 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
 
     dataset = _dataset_for(run, export)
     target = open_view(dataset, view) if view else None
+    in_notebook = focx.is_notebook_context()
     reuse = _SESSION is not None and port in (None, _SESSION.server_port) \
         and address == _SESSION.server_address
     if reuse:
@@ -86,12 +88,14 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
     else:
         if _SESSION is not None:
             _SESSION.close()
-        # FiftyOne refuses remote sessions inside a kernel; there the App is shown inline
-        in_notebook = focx.is_notebook_context()
+        # FiftyOne refuses remote sessions inside a kernel; there the App is shown inline,
+        # by show_when_connected (never by launch_app's auto: see there)
         session = fo.launch_app(dataset, view=target, port=port or free_port(), address=address,
-                                remote=not in_notebook, auto=auto and in_notebook, height=height)
+                                remote=not in_notebook, auto=False)
         _SESSION = session
     url = app_url(session, dataset.name)
+    if auto and in_notebook:
+        show_when_connected(session, height, url)
     log.info("FiftyOne App for %s at %s", dataset.name, url)
     if wait is None:
         wait = not focx.is_notebook_context()
@@ -114,6 +118,31 @@ def launch_app(run: str | Path, port: int | None = None, address: str = "localho
                 signal.signal(signal.SIGTERM, previous)
                 signal.signal(signal.SIGINT, previous_int)
     return session
+
+
+def show_when_connected(session, height: int | None, url: str, timeout: float = 90.0) -> None:
+    """``session.show(height)`` (the App inline in this notebook cell) once it can be shown.
+
+    FiftyOne's session client connects to its App server from a background thread; when its
+    first ping comes before the server is up (the server takes ~15 s to start on a 2-core
+    machine, longer while other jobs run) it waits 10 s before the next, and a ``show()`` in
+    between raises "Client is not connected". ``fo.launch_app(auto=True)`` shows inside its
+    constructor, so a slow start failed notebook 04 of a fresh ``make demo``; here the show is
+    retried until the client is connected, for at most ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            session.show(height=height)
+            return
+        except RuntimeError as e:
+            if "not connected" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the FiftyOne App at {url} did not accept this notebook's "
+                                   f"session within {timeout:.0f} s; run the cell again, or open "
+                                   f"the App outside the notebook: sskd app RUN_DIR") from e
+        time.sleep(0.5)
 
 
 def interrupt(signum, frame) -> None:

@@ -72,6 +72,34 @@ def test_visible_text_strips_markup():
 # --------------------------------------------------------------------------- views and `sskd app`
 
 
+class _SlowClientSession:
+    """A FiftyOne session whose client connects to its server after ``fails`` show() calls."""
+
+    def __init__(self, fails: int, error: str = "Client is not connected") -> None:
+        self.fails, self.error, self.shown = fails, error, []
+
+    def show(self, height=None):
+        if self.fails:
+            self.fails -= 1
+            raise RuntimeError(self.error)
+        self.shown.append(height)
+
+
+def test_inline_app_waits_for_its_client_to_connect(monkeypatch):
+    """A notebook's App cell must not fail while the App server is still starting (a fresh
+    `make demo` failed notebook 04 so: FiftyOne's client retries only every 10 s)."""
+    monkeypatch.setattr(app.time, "sleep", lambda s: None)
+    slow = _SlowClientSession(fails=3)
+    app.show_when_connected(slow, 500, "http://localhost:1/")
+    assert slow.shown == [500] and slow.fails == 0
+    with pytest.raises(RuntimeError, match=r"did not accept this notebook's session within 0 s.*"
+                                           r"sskd app RUN_DIR"):
+        app.show_when_connected(_SlowClientSession(fails=10 ** 6), 500, "http://localhost:1/",
+                                timeout=0)
+    with pytest.raises(RuntimeError, match="something else"):  # other errors are not retried
+        app.show_when_connected(_SlowClientSession(1, "something else"), 500, "http://x/")
+
+
 def test_views_know_their_label_fields_and_the_main_view(mongod):
     from sskd.inspect.views import main_view, view_label_fields
 
