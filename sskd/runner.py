@@ -265,8 +265,10 @@ def run_notebooks(run_name: str, preset: str | None = None, runs_root: str | Pat
 
 def notebook_inputs(cfg: Config, nb: Path) -> dict[str, Any]:
     """What an executed notebook's results depend on: the config values the stage graph says it
-    reads (dotted keys, :func:`sskd.graph.notebook_inputs`) and a hash of its code cells."""
-    inputs = graph.notebook_inputs(to_dict(cfg), nb.stem)
+    reads (dotted keys, :func:`sskd.graph.notebook_inputs`) and a hash of its code cells. A key
+    added later, at the value that does what the code did before it, is left out (as in stage
+    fingerprints, :func:`sskd.config.fingerprint_dict`), so upgrading re-executes nothing."""
+    inputs = graph.notebook_inputs(config_mod.fingerprint_dict(cfg), nb.stem)
     inputs[SOURCE_KEY] = _source_hash(nb)
     return inputs
 

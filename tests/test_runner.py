@@ -356,3 +356,18 @@ def test_changed_settings_re_execute_exactly_the_dependent_stage_notebooks(stage
     assert steps("teacher_1a") == 3 and steps("student_refined") == 5
     # nothing changed: nothing re-runs
     assert status(run_notebooks("nb", **kw)) == "......"
+
+
+def test_a_key_added_at_its_old_behaviour_does_not_re_execute_notebooks():
+    """Run dirs executed before ``stages.*.soft_classes`` existed record no such input; at
+    its default it stays out of every notebook's inputs, set it is one of 03's."""
+    from pathlib import Path
+
+    from sskd.config import load_config
+    from sskd.runner import notebook_inputs
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "03_knowledge_transfer.ipynb"
+    plain = notebook_inputs(load_config("smoke"), nb)
+    assert plain and not any("soft_classes" in k for k in plain)
+    soft = notebook_inputs(load_config("smoke", {"stages.transfer.soft_classes": True}), nb)
+    assert soft["stages.transfer.soft_classes"] is True
+    assert {k: v for k, v in soft.items() if k != "stages.transfer.soft_classes"} == plain
