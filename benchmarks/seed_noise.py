@@ -17,8 +17,9 @@ its last checkpoint when the script is run again. Prints three tables:
 * the demo preset's design targets (:data:`DEMO_TARGETS`) per seed, and whether every seed meets them.
 
 A difference stands out of seed noise when its smallest value exceeds the largest spread of
-the rows it compares. A demo-preset seed took 24-30 min on 2 cores with the stand-ins cached
-(measured 2026-11-30; the first run on a machine adds their one-time pretraining, ~10 min).
+the rows it compares. A seed of the demo preset took about 31 min on one core of a 2-core
+machine (two seeds in parallel, ``-p workers=1``, the stand-ins cached, no ablations; measured
+2026-12-03); the first run on a machine adds their one-time pretraining (~17 min).
 """
 
 from __future__ import annotations
