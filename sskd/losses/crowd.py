@@ -59,12 +59,17 @@ class CrowdAwareMask2FormerLoss(Mask2FormerLoss):
     _ignore: list[Tensor] | None = None
 
     @contextlib.contextmanager
-    def ignoring(self, maps: list[Tensor] | None):
-        self._ignore = maps
+    def _setting(self, attr: str, value):
+        """``self.<attr> = value`` inside a ``with`` block: per-call inputs of the loss that
+        ``Mask2FormerLoss.forward`` has no argument for."""
+        setattr(self, attr, value)
         try:
             yield self
         finally:
-            self._ignore = None
+            setattr(self, attr, None)
+
+    def ignoring(self, maps: list[Tensor] | None):
+        return self._setting("_ignore", maps)
 
     def loss_masks(self, masks_queries_logits: Tensor, mask_labels: list[Tensor], indices,
                    num_masks) -> dict[str, Tensor]:

@@ -10,8 +10,6 @@ and assignments are trained exactly as before; only the class term's target chan
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -41,13 +39,8 @@ class SoftClassMask2FormerLoss(CrowdAwareMask2FormerLoss):
 
     _soft: list[Tensor] | None = None
 
-    @contextlib.contextmanager
     def soft_targets(self, probs: list[Tensor] | None):
-        self._soft = probs
-        try:
-            yield self
-        finally:
-            self._soft = None
+        return self._setting("_soft", probs)
 
     def loss_labels(self, class_queries_logits: Tensor, class_labels: list[Tensor],
                     indices) -> dict[str, Tensor]:
