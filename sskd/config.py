@@ -162,6 +162,12 @@ class PseudoLabelConfig:
     score_threshold: float = 0.3      # keep instances with score >= this
     max_instances: int = 100          # keep at most this many per image (highest score)
     mask_threshold: float = 0.5       # binarise mask probabilities at this value
+    # Distribution alignment of the pseudo-labels' classes (a deviation: docs/method.md, 'Class
+    # prior alignment'). none: the teacher's first choice (the paper); labeled: rename each
+    # instance after argmax p(c) * prior(c) / mean p(c), prior = D_l's class frequencies;
+    # uniform: the same with every class equally likely. Renames only (masks, scores and which
+    # instances are kept stay the teacher's); needs a teacher with class probabilities
+    class_prior: str = field(default="none", metadata={"fingerprint_omit": "none"})
 
 
 @dataclass

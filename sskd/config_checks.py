@@ -23,6 +23,9 @@ DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DATA_KINDS = ("synthetic", "coco", "cityscapes", "ade20k")
 SAMPLERS = ("fused", "uniform", "mask_only", "class_only")
 CANDIDATES = ("batch", "other_images")
+# pseudo_label.class_prior: none (the teacher's first choice), labeled (D_l's class
+# frequencies), uniform (every class equally often); sskd.engine.class_alignment
+CLASS_PRIORS = ("none", "labeled", "uniform")
 # Training configs whose ``steps: 0`` means "off" (no pretraining); every stage needs >= 1 step
 # (a stage is switched off with ``enabled: false``, not with 0 steps that save an untrained model).
 OPTIONAL_TRAININGS = ("teacher_pretrain", "student_pretrain")
@@ -180,6 +183,11 @@ def problems(cfg, prefix: str = "") -> list[str]:
     _model(c, "teacher", cfg.teacher)
     _model(c, "student", cfg.student)
     _thresholds(c, "pseudo_label", cfg.pseudo_label)
+    c.choice("pseudo_label.class_prior", cfg.pseudo_label.class_prior, CLASS_PRIORS)
+    if cfg.pseudo_label.class_prior != "none":
+        c.need(cfg.teacher.name != "grounded_sam", "pseudo_label.class_prior",
+               cfg.pseudo_label.class_prior, "none with teacher.name grounded_sam (its "
+               "pseudo-labels carry no class distribution to align)")
     _thresholds(c, "evaluation", cfg.evaluation)
     c.at_least("evaluation.seed_noise_ap", cfg.evaluation.seed_noise_ap, 0)
     pc = cfg.pixel_contrast

@@ -71,6 +71,7 @@ BAD = [
     ("seed", -1, ">= 0"),
     ("inspect.view_fields", ["teacher_adapted"], "pl_<tag>"),
     ("stages.refine.soft_classes", True, "false where stages.refine.l_semi is 0"),
+    ("pseudo_label.class_prior", "balanced", "none | labeled | uniform"),
 ]
 
 
@@ -104,6 +105,15 @@ def test_soft_classes_need_a_teacher_with_class_distributions():
         load_config("smoke", {"teacher.name": "grounded_sam", "teacher.size": "tiny",
                               "stages.transfer.soft_classes": True})
     assert load_config("smoke", {"stages.transfer.soft_classes": True}).stages.transfer.soft_classes
+
+
+def test_class_prior_needs_a_teacher_with_class_distributions():
+    with pytest.raises(ConfigError, match=r"pseudo_label.class_prior = 'labeled': must be none "
+                                          r"with teacher.name grounded_sam"):
+        load_config("smoke", {"teacher.name": "grounded_sam", "teacher.size": "tiny",
+                              "pseudo_label.class_prior": "labeled"})
+    assert load_config("smoke", {"pseudo_label.class_prior": "uniform"}).pseudo_label.class_prior \
+        == "uniform"
 
 
 def test_every_error_is_reported_at_once():

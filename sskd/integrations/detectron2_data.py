@@ -64,9 +64,28 @@ def _hard(record: ImageRecord, cfg: PseudoLabelConfig) -> ImageRecord:
     return hard_pseudo_labels(record, cfg)
 
 
+def _pseudo_label_prior(name: str, kind: str, cfg: PseudoLabelConfig, classes: list[str],
+                        given: Sequence[float] | None):
+    """The class prior that renames ``kind="pseudo"`` records, or None."""
+    import numpy as np
+    if kind != "pseudo" or cfg.class_prior == "none":
+        return None
+    if given is None and cfg.class_prior == "uniform":
+        given = [1.0 / len(classes)] * len(classes)
+    if given is None:
+        raise ValueError(f"register_dataset({name!r}): pseudo_label.class_prior is "
+                         f"{cfg.class_prior!r}: pass class_prior= (D_l's class distribution, "
+                         "sskd.engine.class_alignment.class_prior) or use register_run")
+    if len(given) != len(classes):
+        raise ValueError(f"register_dataset({name!r}): class_prior has {len(given)} values for "
+                         f"{len(classes)} classes")
+    return np.asarray(given, dtype=np.float64)
+
+
 def register_dataset(name: str, dataset: Dataset | str | Path, *, kind: str = "labeled",
                      classes: Sequence[str] | None = None, mask_format: str = "rle",
                      pseudo_label: PseudoLabelConfig | None = None,
+                     class_prior: Sequence[float] | None = None,
                      colors: Sequence[Sequence[int]] | None = None, **metadata: Any) -> str:
     """Register one dataset under ``name`` (replacing any previous registration) and return ``name``.
 
@@ -77,6 +96,10 @@ def register_dataset(name: str, dataset: Dataset | str | Path, *, kind: str = "l
         classes: class names; required with a jsonl path, else ``dataset.classes``.
         mask_format: "rle" (exact) or "polygon" (lossy).
         pseudo_label: hardening rule of ``kind="pseudo"`` (default: ``PseudoLabelConfig()``).
+            With ``class_prior`` other than none the classes are renamed as the stages rename
+            them (:mod:`sskd.engine.class_alignment`).
+        class_prior: the prior for ``pseudo_label.class_prior: labeled`` (``K`` numbers, e.g.
+            ``class_prior(labeled, "labeled")``); :func:`register_run` passes the run's own.
         colors: RGB per class (default: :func:`class_colors`).
         **metadata: extra ``MetadataCatalog`` fields (e.g. ``gt_dir`` for Cityscapes).
     """
@@ -105,10 +128,15 @@ def register_dataset(name: str, dataset: Dataset | str | Path, *, kind: str = "l
         load = lambda: records  # noqa: E731
     classes = list(classes)
     pl_cfg = pseudo_label or PseudoLabelConfig()
+    prior = _pseudo_label_prior(name, kind, pl_cfg, classes, class_prior)
 
     def dicts() -> list[dict]:
         out = []
-        for rec in load():
+        recs = load()
+        if prior is not None:
+            from sskd.engine.class_alignment import align_classes
+            recs = align_classes(Dataset(list(recs), classes, name), prior)[0].records
+        for rec in recs:
             if kind == "unlabeled":
                 rec = rec.without_instances()
             elif kind == "pseudo":
@@ -163,6 +191,10 @@ def register_run(run: Any, prefix: str | None = None, *,
     if not datasets:
         raise ValueError("register_run: no datasets given")
     classes = next(iter(datasets.values())).classes
+    prior = None  # pseudo_label.class_prior's distribution, from D_l as the stages take it
+    if pseudo_label is not None and pseudo_label.class_prior != "none" and "labeled" in datasets:
+        from sskd.engine.class_alignment import class_prior as prior_of
+        prior = prior_of(datasets["labeled"], pseudo_label.class_prior)
     names = {}
     for role, ds in datasets.items():
         kind = role if role in ("labeled", "unlabeled", "val") else "labeled"
@@ -170,7 +202,8 @@ def register_run(run: Any, prefix: str | None = None, *,
     for tag, path in pseudo.items():
         names[f"pseudo_{tag}"] = register_dataset(f"{prefix}_pseudo_{tag}", path, kind="pseudo",
                                                   classes=classes, mask_format=mask_format,
-                                                  pseudo_label=pseudo_label)
+                                                  pseudo_label=pseudo_label,
+                                                  class_prior=prior)
     log.info("registered in detectron2: %s", names)
     return names
 

@@ -246,10 +246,14 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     paths = TrainPaths.in_dir(run.dir.root, stage)
     fp_file = run.dir.checkpoint_dir(stage) / "fingerprint.json"
     trainable = trainable_parts(model, trainable)
+    pl_cfg = run.cfg.pseudo_label
     if unlabeled is not None:
+        unlabeled = aligned_pseudo_labels(run, unlabeled, labeled, stage)
         unlabeled = soft_class_targets(unlabeled, stage, sc)
+    else:  # the class prior renames pseudo-labels: a stage without any is not retrained for it
+        pl_cfg = dataclasses.replace(pl_cfg, class_prior="none")
     parts = {"stage_config": sc, "seed": run.cfg.seed, "trainable": list(trainable),
-             "pixel_contrast": run.cfg.pixel_contrast, "pseudo_label": run.cfg.pseudo_label,
+             "pixel_contrast": run.cfg.pixel_contrast, "pseudo_label": pl_cfg,
              "input_size": input_geometry(run).describe(), "initial_weights": model,
              "labeled": labeled, "pseudo_labeled": unlabeled or []}
     part_fps = {k: fingerprint(v) for k, v in parts.items()}
@@ -275,11 +279,30 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     return load_model(paths.model_dir)
 
 
-def wants_class_probs(cfg) -> bool:
-    """Whether pseudo-labels keep the teacher's class distributions: some stage trains on them
-    with ``soft_classes`` (otherwise the files stay as they were, without them)."""
-    st = cfg.stages
-    return any(sc.soft_classes and sc.l_semi > 0 for sc in (st.adapt_1b, st.transfer))
+def wants_class_probs(cfg, stages: Sequence[str] = ("adapt_1b", "transfer")) -> bool:
+    """Whether pseudo-labels keep the teacher's class distributions: one of ``stages`` trains on
+    them with ``soft_classes`` or with ``pseudo_label.class_prior`` set (otherwise the files stay
+    as they were, without them)."""
+    aligned = cfg.pseudo_label.class_prior != "none"
+    return any((sc.soft_classes or aligned) and sc.l_semi > 0
+               for sc in (getattr(cfg.stages, k) for k in stages))
+
+
+def aligned_pseudo_labels(run: Run, unlabeled: Dataset, labeled: Dataset,
+                          stage: str = "") -> Dataset:
+    """The pseudo-labels renamed by ``pseudo_label.class_prior``
+    (:mod:`sskd.engine.class_alignment`); unchanged with ``none``."""
+    from sskd.engine.class_alignment import align_classes, class_prior
+    kind = run.cfg.pseudo_label.class_prior
+    if kind == "none":
+        return unlabeled
+    aligned, summary = align_classes(unlabeled, class_prior(labeled, kind))
+    if summary and stage:
+        log.info("%s: pseudo_label.class_prior %s renamed %d of %d pseudo-labels of %s "
+                 "(class counts %s -> %s)", stage, kind, summary["renamed"],
+                 summary["instances"], unlabeled.name, summary["counts_before"],
+                 summary["counts_after"])
+    return aligned
 
 
 def _config_key(stage: str) -> str:
@@ -383,9 +406,17 @@ def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Da
         from sskd.report import fmt
         res = evaluate_masks(unlabeled, records)
         match = match_instances(unlabeled, records)
-        update_metrics(run.dir.metrics, "pseudo_labels", tag,
-                       {**{k: res[k] for k in ("AP", "AP50", "AP75", "per_class")},
-                        "matching": match})
+        entry = {**{k: res[k] for k in ("AP", "AP50", "AP75", "per_class")}, "matching": match}
+        if run.cfg.pseudo_label.class_prior != "none" and wants_class_probs(run.cfg):
+            # what the stages train on: the same masks, renamed by the class prior
+            from sskd.stages.data import load_datasets
+            aligned = aligned_pseudo_labels(run, Dataset(records, list(unlabeled.classes), tag),
+                                            load_datasets(run)["labeled"])
+            entry["matching_aligned"] = match_instances(unlabeled, aligned.records)
+            log.info("pseudo-labels %s renamed by pseudo_label.class_prior %s: %s%% of matched "
+                     "masks with the right class", tag, run.cfg.pseudo_label.class_prior,
+                     fmt(entry["matching_aligned"]["class_accuracy"], 0))
+        update_metrics(run.dir.metrics, "pseudo_labels", tag, entry)
         log.info("pseudo-labels %s: AP %.1f; masks matched %s%% of objects, %s%% of them with "
                  "the right class", tag, res["AP"], fmt(match["mask_recall"], 0),
                  fmt(match["class_accuracy"], 0))

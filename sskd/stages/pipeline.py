@@ -14,7 +14,7 @@ from sskd import graph
 from sskd.data.records import Dataset
 from sskd.stages.common import (StageTimer, _invalidate, evaluate_model, initial_student,
                                 is_standin, load_pseudo_labels, pretrained_teacher, pseudo_label,
-                                student_is_standin, train_stage)
+                                student_is_standin, train_stage, wants_class_probs)
 from sskd.stages.checks import check_teacher_weights
 from sskd.stages.parallel import side_jobs
 from sskd.stages.data import load_datasets
@@ -166,7 +166,7 @@ def transfer(run: Run | str | Path, progress: bool = True) -> dict:
         if st.transfer.enabled:
             ds = load_datasets(run, with_source=student_is_standin(run))
             pl = load_pseudo_labels(run, transfer_pseudo_tag(run), ds["labeled"].classes)
-            if st.transfer.soft_classes and st.transfer.l_semi > 0 and any(
+            if wants_class_probs(run.cfg, ["transfer"]) and any(
                     i.class_probs is None for r in pl.records for i in r.instances):
                 pl = _relabel_with_class_probs(run, transfer_pseudo_tag(run), progress)
             with side_jobs(run, ["ablations"] if transfer_only_ablations(run) else []):
@@ -181,8 +181,8 @@ def _relabel_with_class_probs(run: Run, tag: str, progress: bool) -> Dataset:
     """The teacher ``tag``'s pseudo-labels again, now with class distributions: the file was
     written before ``soft_classes`` was set (the teacher step had nothing stale to redo)."""
     from sskd.models.base import load_model
-    log.info("stages.transfer.soft_classes: pseudo-labels %s carry no class distributions; "
-             "labelling D_u again with that teacher", tag)
+    log.info("stages.transfer.soft_classes or pseudo_label.class_prior: pseudo-labels %s carry "
+             "no class distributions; labelling D_u again with that teacher", tag)
     if tag == "teacher_zero_shot":
         ds = load_datasets(run, with_source=True)
         teacher = pretrained_teacher(run, ds, progress)

@@ -371,6 +371,27 @@ def test_register_run_from_run_dir_and_from_mapping(d2, tmp_path):
     assert mapped == {"labeled": "mine_labeled", "pseudo_t": "mine_pseudo_t"}
 
 
+@needs_d2
+def test_pseudo_labels_are_renamed_by_the_class_prior_as_the_stages_rename_them(d2):
+    from detectron2.data import DatasetCatalog
+    from sskd.engine.class_alignment import align_classes
+    m = np.zeros((8, 8), np.uint8)
+    m[2:6, 2:6] = 1
+    probs = [[0.45, 0.55], [0.45, 0.55], [0.1, 0.9], [0.9, 0.1]]
+    pl = Dataset([ImageRecord(f"{k}.png", 8, 8, k, [Instance.from_mask(m, int(np.argmax(p)), 0.8,
+                                                                        class_probs=p)])
+                  for k, p in enumerate(probs)], ["a", "b"])
+    cfg = PseudoLabelConfig(class_prior="uniform")
+    name = d2.register_dataset("cp", pl, kind="pseudo", pseudo_label=cfg)
+    got = [d["annotations"][0]["category_id"] for d in DatasetCatalog.get(name)]
+    want = [i.class_id for r in align_classes(pl, np.array([0.5, 0.5]))[0].records for i in r.instances]
+    assert got == want == [0, 0, 1, 0]
+    plain = d2.register_dataset("cp0", pl, kind="pseudo")
+    assert [d["annotations"][0]["category_id"] for d in DatasetCatalog.get(plain)] == [1, 1, 1, 0]
+    with pytest.raises(ValueError, match="pseudo_label.class_prior is 'labeled': pass class_prior="):
+        d2.register_dataset("cp1", pl, kind="pseudo", pseudo_label=PseudoLabelConfig(class_prior="labeled"))
+
+
 # --------------------------------------------------------------------------- evaluation
 
 

@@ -1,8 +1,10 @@
 """The stages on the smoke preset: artifacts in the run dir, metrics, skip-when-done, ablations."""
 
+import dataclasses
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,11 +321,52 @@ def test_soft_class_targets_relabel_d_u_and_retrain_only_stage_2(tmp_path, caplo
     assert all(i.class_probs for r in iter_records_jsonl(pl_file) for i in r.instances)
 
 
+def test_class_prior_renames_pseudo_labels_and_retrains_only_the_stages_using_them(tmp_path,
+                                                                                  caplog):
+    """``pseudo_label.class_prior`` on a finished run: 1b and stage 2 train again on renamed
+    pseudo-labels; 1a and the supervised baselines (no pseudo-labels) load; the pseudo-label
+    files stay the teacher's own output and metrics gain the renamed labels' class matching."""
+    run = _open(tmp_path, **{"pseudo_label.score_threshold": 0.0, "pseudo_label.mask_threshold": 0.0,
+                             "stages.refine.enabled": False, "ablations": {},
+                             "stages.teacher_supervised.enabled": False})
+    prepare_data(run)
+    zero_shot(run, progress=False)
+    adapt_teacher(run, progress=False)
+    transfer(run, progress=False)
+    weights = {t: run.dir.model_dir(t) / "model.pt"
+               for t in ("teacher_1a", "teacher_adapted", "student_supervised", "student_transfer")}
+    before = {t: p.stat().st_mtime_ns for t, p in weights.items()}
+
+    aligned = open_run("r", runs_root=str(tmp_path / "runs"),
+                       overrides={"pseudo_label.class_prior": "uniform"})
+    with caplog.at_level(logging.INFO, logger="sskd"):
+        adapt_teacher(aligned, progress=False)
+        transfer(aligned, progress=False)
+    after = {t: p.stat().st_mtime_ns for t, p in weights.items()}
+    assert after["teacher_1a"] == before["teacher_1a"]
+    assert after["student_supervised"] == before["student_supervised"]
+    assert after["teacher_adapted"] != before["teacher_adapted"]
+    assert after["student_transfer"] != before["student_transfer"]
+    assert "teacher_adapted: pseudo_label.class_prior uniform renamed" in caplog.text
+    assert "student_transfer: pseudo_label.class_prior uniform renamed" in caplog.text
+    m = read_metrics(aligned.dir.metrics)["pseudo_labels"]["teacher_adapted"]
+    assert m["matching_aligned"]["n_matched"] == m["matching"]["n_matched"]  # same masks
+    # the file keeps the teacher's first choice; stage 2's fingerprint has the renamed classes
+    from sskd.engine.class_alignment import align_classes
+    from sskd.stages.common import fingerprint, load_pseudo_labels
+    pl = load_pseudo_labels(aligned, "teacher_adapted", ["circle", "rectangle", "triangle"])
+    assert all(i.class_id == int(np.argmax(i.class_probs)) for r in pl.records for i in r.instances)
+    renamed, _ = align_classes(pl, np.full(3, 1 / 3))
+    renamed = dataclasses.replace(renamed, records=[dataclasses.replace(r, instances=[
+        dataclasses.replace(i, class_probs=None) for i in r.instances]) for r in renamed.records])
+    fp = json.loads((aligned.dir.checkpoint_dir("student_transfer") / "fingerprint.json").read_text())
+    assert fp["parts"]["pseudo_labeled"] == fingerprint(renamed)
+
+
 def test_soft_classes_need_pseudo_labels_with_class_distributions():
     from sskd.config import StageConfig
     from sskd.data.records import Dataset, ImageRecord, Instance
     from sskd.stages.common import fingerprint, soft_class_targets
-    import numpy as np
     m = np.zeros((4, 4), np.uint8)
     m[1:3, 1:3] = 1
     ds = Dataset([ImageRecord("x.png", 4, 4, 1, [Instance.from_mask(m, 1, 0.9)]),
@@ -338,7 +381,6 @@ def test_soft_classes_need_pseudo_labels_with_class_distributions():
     assert fingerprint(hard) != fingerprint(ds)
     # a key added later, at its default, leaves a stage's fingerprint as it was before the key
     sc = StageConfig(l_semi=1.0)
-    import dataclasses
     old = {k: v for k, v in dataclasses.asdict(sc).items() if k != "soft_classes"}
     assert fingerprint(sc) == fingerprint(old)
     assert fingerprint(dataclasses.replace(sc, soft_classes=True)) != fingerprint(sc)
