@@ -377,7 +377,7 @@ def test_pseudo_labels_are_renamed_by_the_class_prior_as_the_stages_rename_them(
     from sskd.engine.class_alignment import align_classes
     m = np.zeros((8, 8), np.uint8)
     m[2:6, 2:6] = 1
-    probs = [[0.45, 0.55], [0.45, 0.55], [0.1, 0.9], [0.9, 0.1]]
+    probs = [[0.45, 0.55], [0.45, 0.55], [0.1, 0.9], [0.1, 0.9], [0.9, 0.1]]  # mean [0.4, 0.6]
     pl = Dataset([ImageRecord(f"{k}.png", 8, 8, k, [Instance.from_mask(m, int(np.argmax(p)), 0.8,
                                                                         class_probs=p)])
                   for k, p in enumerate(probs)], ["a", "b"])
@@ -385,9 +385,9 @@ def test_pseudo_labels_are_renamed_by_the_class_prior_as_the_stages_rename_them(
     name = d2.register_dataset("cp", pl, kind="pseudo", pseudo_label=cfg)
     got = [d["annotations"][0]["category_id"] for d in DatasetCatalog.get(name)]
     want = [i.class_id for r in align_classes(pl, np.array([0.5, 0.5]))[0].records for i in r.instances]
-    assert got == want == [0, 0, 1, 0]
+    assert got == want == [0, 0, 1, 1, 0]
     plain = d2.register_dataset("cp0", pl, kind="pseudo")
-    assert [d["annotations"][0]["category_id"] for d in DatasetCatalog.get(plain)] == [1, 1, 1, 0]
+    assert [d["annotations"][0]["category_id"] for d in DatasetCatalog.get(plain)] == [1, 1, 1, 1, 0]
     with pytest.raises(ValueError, match="pseudo_label.class_prior is 'labeled': pass class_prior="):
         d2.register_dataset("cp1", pl, kind="pseudo", pseudo_label=PseudoLabelConfig(class_prior="labeled"))
 
