@@ -247,11 +247,12 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     fp_file = run.dir.checkpoint_dir(stage) / "fingerprint.json"
     trainable = trainable_parts(model, trainable)
     pl_cfg = run.cfg.pseudo_label
-    if unlabeled is not None:
+    if unlabeled is not None and sc.l_semi > 0:
         unlabeled = aligned_pseudo_labels(run, unlabeled, labeled, stage)
-        unlabeled = soft_class_targets(unlabeled, stage, sc)
-    else:  # the class prior renames pseudo-labels: a stage without any is not retrained for it
+    else:  # the class prior renames L_semi's targets: a stage without them is not retrained for it
         pl_cfg = dataclasses.replace(pl_cfg, class_prior="none")
+    if unlabeled is not None:
+        unlabeled = soft_class_targets(unlabeled, stage, sc)
     parts = {"stage_config": sc, "seed": run.cfg.seed, "trainable": list(trainable),
              "pixel_contrast": run.cfg.pixel_contrast, "pseudo_label": pl_cfg,
              "input_size": input_geometry(run).describe(), "initial_weights": model,
