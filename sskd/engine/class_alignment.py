@@ -41,6 +41,26 @@ def class_prior(labeled: Dataset, kind: str) -> np.ndarray | None:
     return (counts + 1.0) / (counts.sum() + k)
 
 
+def check_class_probs(unlabeled: Dataset, setting: str, off: str) -> None:
+    """Every instance of ``unlabeled`` carries ``K`` class probabilities, else a ValueError that
+    names ``setting`` (what needs them) and ``off`` (how to do without)."""
+    insts = [i for r in unlabeled.records for i in r.instances]
+    missing = sum(i.class_probs is None for i in insts)
+    if missing:
+        raise ValueError(
+            f"{setting} needs the teacher's class distributions, but {missing} of {len(insts)} "
+            f"pseudo-labelled instances in {unlabeled.name!r} carry none (a teacher without "
+            "class probabilities, e.g. grounded_sam, or pseudo-labels written before the setting "
+            "was on): re-run the teacher's pseudo-labelling (`sskd run --from adapt_teacher`), "
+            f"or set {off}")
+    k = len(unlabeled.classes)
+    bad = [i.class_probs for i in insts if len(i.class_probs) != k]
+    if bad:
+        raise ValueError(f"pseudo-labels {unlabeled.name!r}: class_probs of length {len(bad[0])}, "
+                         f"expected one per class ({k}): re-run the teacher's pseudo-labelling "
+                         "(`sskd run --from adapt_teacher`)")
+
+
 def align_classes(unlabeled: Dataset, prior: np.ndarray | None) -> tuple[Dataset, dict]:
     """``unlabeled`` with every instance renamed after ``argmax(p * prior / mean_p)``.
 
@@ -53,19 +73,11 @@ def align_classes(unlabeled: Dataset, prior: np.ndarray | None) -> tuple[Dataset
     k = len(unlabeled.classes)
     if prior is None or not insts:
         return unlabeled, {}
-    missing = sum(i.class_probs is None for i in insts)
-    if missing:
-        raise ValueError(
-            f"pseudo_label.class_prior needs the teacher's class distributions, but {missing} of "
-            f"{len(insts)} instances in {unlabeled.name!r} carry none (a teacher without class "
-            "probabilities, e.g. grounded_sam, or pseudo-labels written before the setting was "
-            "on): re-run the teacher's pseudo-labelling (`sskd run --from adapt_teacher`), or "
-            "set pseudo_label.class_prior: none")
+    check_class_probs(unlabeled, "pseudo_label.class_prior", "pseudo_label.class_prior: none")
+    if len(prior) != k:
+        raise ValueError(f"align_classes({unlabeled.name!r}): a prior of length {len(prior)} "
+                         f"for {k} classes")
     probs = np.asarray([i.class_probs for i in insts], dtype=np.float64)
-    if probs.shape[1] != k or len(prior) != k:
-        raise ValueError(f"pseudo-labels {unlabeled.name!r}: class_probs of length "
-                         f"{probs.shape[1]} and a prior of length {len(prior)}, expected one per "
-                         f"class ({k}): re-run the teacher's pseudo-labelling")
     mean_p = probs.mean(0)
     weights = np.asarray(prior, dtype=np.float64) / np.maximum(mean_p, 1e-12)
     it = iter(probs)

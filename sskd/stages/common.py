@@ -326,20 +326,9 @@ def soft_class_targets(unlabeled: Dataset, stage: str, sc: StageConfig) -> Datas
                                                      for i in r.instances])
                    for r in unlabeled.records]
         return dataclasses.replace(unlabeled, records=records)
-    insts = [i for r in unlabeled.records for i in r.instances]
-    missing = sum(i.class_probs is None for i in insts)
-    if missing:
-        raise ValueError(
-            f"stages.{_config_key(stage)}.soft_classes is true but {missing} of {len(insts)} "
-            f"pseudo-labelled instances in {unlabeled.name!r} carry no class distribution "
-            "(a teacher without class probabilities, e.g. grounded_sam, or pseudo-labels written "
-            "before the setting was on): re-run the teacher's pseudo-labelling (`sskd run --from "
-            "adapt_teacher`), or set soft_classes: false")
-    bad = [i.class_probs for i in insts if len(i.class_probs) != len(unlabeled.classes)]
-    if bad:
-        raise ValueError(f"pseudo-labels {unlabeled.name!r}: class_probs of length {len(bad[0])}, "
-                         f"expected one per class ({len(unlabeled.classes)}): re-run the "
-                         "teacher's pseudo-labelling (`sskd run --from adapt_teacher`)")
+    from sskd.engine.class_alignment import check_class_probs
+    check_class_probs(unlabeled, f"stages.{_config_key(stage)}.soft_classes: true",
+                      "soft_classes: false")
     return unlabeled
 
 

@@ -71,5 +71,7 @@ def test_pseudo_labels_without_class_distributions_are_a_clear_error():
     with pytest.raises(ValueError, match=r"pseudo_label.class_prior needs the teacher's class "
                                          r"distributions, but 1 of 1 .*sskd run --from adapt_teacher"):
         align_classes(pl, np.array([0.5, 0.5]))
-    with pytest.raises(ValueError, match="class_probs of length 2 and a prior of length 3"):
+    with pytest.raises(ValueError, match="a prior of length 3 for 2 classes"):
         align_classes(_pseudo([[0.3, 0.7]]), np.full(3, 1 / 3))
+    with pytest.raises(ValueError, match=r"class_probs of length 2, expected one per class \(3\)"):
+        align_classes(_pseudo([[0.3, 0.7]], ("a", "b", "c")), np.full(3, 1 / 3))

@@ -277,10 +277,8 @@ def test_invalidation_disabled_stages_and_ablations_follow_the_config(tmp_path):
     assert not child.exists() and read_metrics(run.dir.metrics)["ablations"] == {}
 
 
-def test_soft_class_targets_relabel_d_u_and_retrain_only_stage_2(tmp_path, caplog):
-    """Setting ``stages.transfer.soft_classes`` on a finished run: the adapted teacher labels D_u
-    again with its class distributions (stage 1 is not retrained: the key at its default is
-    not part of any fingerprint), and only stage 2 trains again, on those targets."""
+def _run_through_stage_2(tmp_path):
+    """A smoke run through stage 2 (no refine, ablations or supervised teacher)."""
     # untrained smoke teachers: keep every mask (one per image once made disjoint)
     run = _open(tmp_path, **{"pseudo_label.score_threshold": 0.0, "pseudo_label.mask_threshold": 0.0,
                              "stages.refine.enabled": False, "ablations": {},
@@ -289,6 +287,14 @@ def test_soft_class_targets_relabel_d_u_and_retrain_only_stage_2(tmp_path, caplo
     zero_shot(run, progress=False)
     adapt_teacher(run, progress=False)
     transfer(run, progress=False)
+    return run
+
+
+def test_soft_class_targets_relabel_d_u_and_retrain_only_stage_2(tmp_path, caplog):
+    """Setting ``stages.transfer.soft_classes`` on a finished run: the adapted teacher labels D_u
+    again with its class distributions (stage 1 is not retrained: the key at its default is
+    not part of any fingerprint), and only stage 2 trains again, on those targets."""
+    run = _run_through_stage_2(tmp_path)
     pl_file = run.dir.pseudo_labels("teacher_adapted")
     assert "class_probs" not in pl_file.read_text()
     teacher = run.dir.model_dir("teacher_adapted") / "model.pt"
@@ -326,13 +332,7 @@ def test_class_prior_renames_pseudo_labels_and_retrains_only_the_stages_using_th
     """``pseudo_label.class_prior`` on a finished run: 1b and stage 2 train again on renamed
     pseudo-labels; 1a and the supervised baselines (no pseudo-labels) load; the pseudo-label
     files stay the teacher's own output and metrics gain the renamed labels' class matching."""
-    run = _open(tmp_path, **{"pseudo_label.score_threshold": 0.0, "pseudo_label.mask_threshold": 0.0,
-                             "stages.refine.enabled": False, "ablations": {},
-                             "stages.teacher_supervised.enabled": False})
-    prepare_data(run)
-    zero_shot(run, progress=False)
-    adapt_teacher(run, progress=False)
-    transfer(run, progress=False)
+    run = _run_through_stage_2(tmp_path)
     weights = {t: run.dir.model_dir(t) / "model.pt"
                for t in ("teacher_1a", "teacher_adapted", "student_supervised", "student_transfer")}
     before = {t: p.stat().st_mtime_ns for t, p in weights.items()}
@@ -372,7 +372,8 @@ def test_soft_classes_need_pseudo_labels_with_class_distributions():
     ds = Dataset([ImageRecord("x.png", 4, 4, 1, [Instance.from_mask(m, 1, 0.9)]),
                   ImageRecord("y.png", 4, 4, 2, [Instance.from_mask(m, 0, 0.8, class_probs=[.6, .4])])],
                  ["a", "b"], "pseudo_teacher_adapted")
-    with pytest.raises(ValueError, match=r"stages.transfer.soft_classes is true but 1 of 2 .*"
+    with pytest.raises(ValueError, match=r"stages.transfer.soft_classes: true needs the teacher's "
+                                         r"class distributions, but 1 of 2 .*"
                                          r"sskd run --from adapt_teacher"):
         soft_class_targets(ds, "student_transfer", StageConfig(l_semi=1.0, soft_classes=True))
     # off: the distributions are dropped, so they reach neither the loss nor the fingerprint
