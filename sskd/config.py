@@ -136,6 +136,10 @@ class TrainConfig:
     checkpoint_every: int = 100       # steps between checkpoints (resume granularity)
     log_every: int = 10               # steps between metric log lines
     seed: int = 0                     # seed of batch sampling, augmentation and loss points (combined with the run's ``seed``)
+    # Polyak/EMA weight averaging: >0 keeps an exponential moving average of the weights
+    # (decay warmed up as min(ema_decay, (1 + t) / (10 + t))) and saves it instead of the last
+    # step's weights; 0 = the last step's weights (docs/method.md, 'Weight averaging')
+    ema_decay: float = field(default=0.0, metadata={"fingerprint_omit": 0.0})
 
 
 @dataclass
@@ -470,6 +474,8 @@ def read_config(path: str | Path) -> Config:
 
 
 def config_hash(obj: Any) -> str:
-    """Stable short hash of a (sub)config, used for caches."""
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    """Stable short hash of a (sub)config, used for caches. Keys declared with
+    ``fingerprint_omit`` are left out at their omit value (:func:`fingerprint_dict`), so adding
+    such a key to sskd keeps every existing cache (the stand-ins' pretraining above all)."""
+    data = fingerprint_dict(obj) if dataclasses.is_dataclass(obj) else obj
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -108,6 +108,8 @@ def _train(c: _Checker, key: str, tc, min_steps: int, hint: str = "") -> None:
     c.at_least(f"{key}.checkpoint_every", tc.checkpoint_every, 1)
     c.at_least(f"{key}.log_every", tc.log_every, 1)
     c.at_least(f"{key}.seed", tc.seed, 0)
+    c.need(_finite(tc.ema_decay) and 0 <= tc.ema_decay < 1, f"{key}.ema_decay", tc.ema_decay,
+           "in [0, 1) (0 = off; 0.99-0.999 average over ~100-1000 steps)")
 
 
 def _model(c: _Checker, key: str, mc) -> None:

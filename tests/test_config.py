@@ -72,6 +72,7 @@ BAD = [
     ("inspect.view_fields", ["teacher_adapted"], "pl_<tag>"),
     ("stages.refine.soft_classes", True, "false where stages.refine.l_semi is 0"),
     ("pseudo_label.class_prior", "balanced", "none | labeled | uniform"),
+    ("stages.transfer.train.ema_decay", 1.0, "in [0, 1)"),
 ]
 
 

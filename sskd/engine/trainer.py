@@ -96,9 +96,10 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
 
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if paths.state.is_file():
-        start = _load_state(paths.state, model, optimizer, device)
+        start = _load_state(paths.state, model, optimizer, device, ema)
     if rank == 0:
         _truncate_log(paths.log, start)
 
@@ -130,6 +131,8 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         model.after_optimizer_step()
+        if ema is not None:
+            ema.update(model, step)
         logs["loss"] = float(total.detach())
         bar.update(1)
         done = step + 1
@@ -143,9 +146,11 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
                 if on_log:
                     on_log(last)
         if rank == 0 and (done % cfg.checkpoint_every == 0) and done < cfg.steps:
-            _save_state(paths.state, model, optimizer, done)
+            _save_state(paths.state, model, optimizer, done, ema)
     bar.close()
     dist_utils.barrier()
+    if ema is not None:
+        ema.copy_to(model)
     if rank == 0:
         save_model_atomic(model, paths.model_dir)
         if paths.state.exists():
@@ -154,24 +159,67 @@ def train(model: Segmenter, labeled: Dataset, paths: TrainPaths, cfg: TrainConfi
     return {"steps": cfg.steps, "resumed_from": start, "seconds": time.perf_counter() - t0, **last}
 
 
-def _save_state(path: Path, model: Segmenter, optimizer, step: int) -> None:
-    """Model, optimizer and step: tensors and plain values only, so it loads with
-    ``weights_only=True`` (every random draw is seeded by (seed, step): no RNG state needed)."""
+class WeightAverage:
+    """Exponential moving average of a model's weights (Polyak averaging, ``train.ema_decay``).
+
+    ``avg <- d * avg + (1 - d) * w`` after every optimizer step, with ``d = min(decay,
+    (1 + t) / (10 + t))`` so the first steps' random weights fade fast. Floating-point buffers
+    are averaged like parameters; integer buffers (counters) are copied. Why: with noisy
+    pseudo-labels the last step's weights carry the last batches' noise; their average is a
+    flatter, steadier solution (Mean Teacher, Tarvainen & Valpola 2017).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"train.ema_decay = {decay}: must be in (0, 1) to average (0 = off)")
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            avg = self.state[k]
+            if avg.is_floating_point():
+                avg.mul_(d).add_(v.detach(), alpha=1.0 - d)
+            else:
+                avg.copy_(v)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.state)
+
+
+def _save_state(path: Path, model: Segmenter, optimizer, step: int,
+                ema: WeightAverage | None = None) -> None:
+    """Model, optimizer, step (and the weight average): tensors and plain values only, so it
+    loads with ``weights_only=True`` (every random draw is seeded by (seed, step): no RNG state
+    needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    if ema is not None:
+        state["ema"] = ema.state
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
-def _load_state(path: Path, model: Segmenter, optimizer, device: torch.device) -> int:
+def _load_state(path: Path, model: Segmenter, optimizer, device: torch.device,
+                ema: WeightAverage | None = None) -> int:
     """Restore a :func:`_save_state` checkpoint (tensors only); returns its step."""
     from sskd.safe_load import CorruptFileError, load_torch
     fix = (f"delete {path} to restart this training from step 0 (the checkpoint only saves "
            "time; the results do not depend on it)")
     state = load_torch(path, fix, map_location=device, keys=("model", "optimizer", "step"))
+    if ema is not None and "ema" not in state:
+        raise CorruptFileError(path, "it holds no weight average, but train.ema_decay is set "
+                                     "(it was written with ema_decay 0)", fix)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.state = {k: v.to(device) for k, v in state["ema"].items()}
+            if ema.state.keys() != model.state_dict().keys():
+                raise KeyError("the weight average's keys differ from the model's")
         return int(state["step"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CorruptFileError(path, f"it does not fit this model/optimizer: "

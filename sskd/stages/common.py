@@ -90,8 +90,9 @@ def _corpus_key(run: Run) -> dict:
 def _standin_dir(run: Run, role: str, mc: ModelConfig, pretrain) -> Path:
     # Not keyed by the run's ``seed``: like downloaded foundation weights, a second seed of an
     # experiment re-runs the stages, not the foundation model's pretraining.
-    key = config_hash({"v": STANDIN_VERSION, role: to_dict(mc), "corpus": _corpus_key(run),
-                       "input_size": run.cfg.data.input_size, "pretrain": to_dict(pretrain)})
+    key = config_hash({"v": STANDIN_VERSION, role: fingerprint_dict(mc), "corpus": _corpus_key(run),
+                       "input_size": run.cfg.data.input_size,
+                       "pretrain": fingerprint_dict(pretrain)})
     return run.cache_dir / f"standin_{role}" / key
 
 

@@ -13,7 +13,8 @@ import torch
 from sskd.config import PixelContrastConfig, PseudoLabelConfig, TrainConfig
 from sskd.data.records import Dataset, ImageRecord
 from sskd.engine.data import hard_pseudo_labels
-from sskd.engine.trainer import Objective, TrainPaths, poly_factor, read_log, train
+from sskd.engine.trainer import (Objective, TrainPaths, WeightAverage, poly_factor, read_log,
+                                 train)
 from sskd.models import build_model, load_model
 
 from .conftest import make_dataset
@@ -95,6 +96,48 @@ def test_frozen_parameters_do_not_change(toy, tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_weight_average_follows_the_warmed_up_decay():
+    net = torch.nn.BatchNorm1d(2)          # float parameters, float buffers and an int counter
+    avg = WeightAverage(net, decay=0.9)
+    w0 = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+        net.num_batches_tracked.fill_(7)
+    avg.update(net, step=0)                # d = min(0.9, 1/10) = 0.1
+    assert torch.allclose(avg.state["weight"], 0.1 * w0 + 0.9 * 3.0)
+    assert int(avg.state["num_batches_tracked"]) == 7
+    before = avg.state["weight"].clone()
+    with torch.no_grad():
+        net.weight.fill_(-1.0)
+    avg.update(net, step=1000)             # d = min(0.9, 1001/1010) = 0.9
+    assert torch.allclose(avg.state["weight"], 0.9 * before + 0.1 * -1.0)
+    avg.copy_to(net)
+    assert torch.equal(net.weight.detach(), avg.state["weight"])
+    with pytest.raises(ValueError, match="train.ema_decay = 1.0"):
+        WeightAverage(net, 1.0)
+
+
+def test_train_with_ema_saves_the_average_of_every_steps_weights(toy, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("mask2former", 3, size="tiny")
+    seen = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    paths = TrainPaths.in_dir(tmp_path, "s")
+    train(model, toy, paths, _cfg(steps=5, ema_decay=0.5), Objective(), input_size=32,
+          progress=False, on_log=lambda e: seen.append(
+              {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    expect = seen[0]
+    for t, w in enumerate(seen[1:]):
+        d = min(0.5, (1 + t) / (10 + t))
+        expect = {k: d * expect[k] + (1 - d) * w[k] if w[k].is_floating_point() else w[k]
+                  for k in w}
+    saved = load_model(paths.model_dir).state_dict()
+    name = next(k for k in saved if saved[k].is_floating_point() and saved[k].numel() > 1
+                and not torch.equal(seen[-1][k], seen[0][k]))
+    assert not torch.allclose(saved[name], seen[-1][name])   # not the last step's weights
+    for k in saved:
+        assert torch.allclose(saved[k].float(), expect[k].float(), atol=1e-6), k
+
+
 _SCRIPT = r"""
 import os, signal, sys, torch
 torch.set_num_threads(1)
@@ -114,31 +157,34 @@ kill_at = int(sys.argv[2])
 def on_log(entry):
     if entry["step"] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)   # a real kill, between two checkpoints
-cfg = TrainConfig(steps=8, batch_size=4, lr=1e-3, checkpoint_every=3, log_every=1, seed=5)
+cfg = TrainConfig(steps=8, batch_size=4, lr=1e-3, checkpoint_every=3, log_every=1, seed=5,
+                  ema_decay=float(sys.argv[3]))
 obj = Objective(l_pxl=0.1, pixel_contrast=PixelContrastConfig(num_anchors=16, num_negatives=8))
 train(model, ds, TrainPaths.in_dir(Path(sys.argv[1]), "s"), cfg, obj, input_size=32,
       progress=False, on_log=on_log)
 """
 
 
-def _run_script(tmp_path: Path, run_dir: Path, kill_at: int) -> int:
+def _run_script(tmp_path: Path, run_dir: Path, kill_at: int, ema: float) -> int:
     script = tmp_path / "train_script.py"
     script.write_text(_SCRIPT.format(data=str(tmp_path / "data")))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(script), str(run_dir), str(kill_at)], env=env,
-                          capture_output=True, text=True, timeout=300).returncode
+    return subprocess.run([sys.executable, str(script), str(run_dir), str(kill_at), str(ema)],
+                          env=env, capture_output=True, text=True, timeout=300).returncode
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["last-weights", "weight-average"])
+def test_killed_run_resumes_to_identical_weights(tmp_path, ema):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    rc = _run_script(tmp_path, killed, kill_at=5)
+    rc = _run_script(tmp_path, killed, kill_at=5, ema=ema)
     assert rc == -signal.SIGKILL
     paths = TrainPaths.in_dir(killed, "s")
     assert paths.state.is_file() and not paths.model_dir.exists()
-    assert torch.load(paths.state, weights_only=True)["step"] == 3
-    assert _run_script(tmp_path, killed, kill_at=-1) == 0     # resume from step 3
-    assert _run_script(tmp_path, clean, kill_at=-1) == 0      # uninterrupted reference
+    state = torch.load(paths.state, weights_only=True)
+    assert state["step"] == 3 and ("ema" in state) == (ema > 0)
+    assert _run_script(tmp_path, killed, kill_at=-1, ema=ema) == 0     # resume from step 3
+    assert _run_script(tmp_path, clean, kill_at=-1, ema=ema) == 0      # uninterrupted reference
     a = load_model(paths.model_dir).state_dict()
     b = load_model(TrainPaths.in_dir(clean, "s").model_dir).state_dict()
     assert a.keys() == b.keys()
