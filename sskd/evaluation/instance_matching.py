@@ -29,16 +29,18 @@ import numpy as np
 from sskd.data.records import Dataset, ImageRecord, mask_iou
 
 
-def _match_image(gt: ImageRecord, pred: ImageRecord, iou_threshold: float) -> list[tuple[int, int]]:
-    """``(gt class, pred class)`` of each one-to-one match of one image, highest IoU first."""
-    gts = [g for g in gt.instances if not g.iscrowd]
+def match_pairs(gt: ImageRecord, pred: ImageRecord, iou_threshold: float = 0.5
+                ) -> list[tuple[int, int]]:
+    """One image's one-to-one class-agnostic matches, highest IoU first: ``(i, j)`` pairs, ``i``
+    indexing ``pred.instances`` and ``j`` ``gt.instances`` (crowd regions never match)."""
+    gts = [j for j, g in enumerate(gt.instances) if not g.iscrowd]
     if not gts or not pred.instances:
         return []
     if (gt.height, gt.width) != (pred.height, pred.width):
         raise ValueError(f"image {gt.image_id}: pseudo-labels are {pred.height}x{pred.width} but "
                          f"the ground truth is {gt.height}x{gt.width}; write pseudo-labels at "
                          "each record's original size (sskd.engine.inference does)")
-    iou = mask_iou(pred.instances, gts)
+    iou = mask_iou(pred.instances, [gt.instances[j] for j in gts])
     pairs, used_pred, used_gt = [], set(), set()
     for flat in np.argsort(-iou, axis=None, kind="stable"):
         i, j = divmod(int(flat), len(gts))
@@ -46,10 +48,16 @@ def _match_image(gt: ImageRecord, pred: ImageRecord, iou_threshold: float) -> li
             break
         if i in used_pred or j in used_gt:
             continue
-        pairs.append((gts[j].class_id, pred.instances[i].class_id))
+        pairs.append((i, gts[j]))
         used_pred.add(i)
         used_gt.add(j)
     return pairs
+
+
+def _match_image(gt: ImageRecord, pred: ImageRecord, iou_threshold: float) -> list[tuple[int, int]]:
+    """``(gt class, pred class)`` of each one-to-one match of one image, highest IoU first."""
+    return [(gt.instances[j].class_id, pred.instances[i].class_id)
+            for i, j in match_pairs(gt, pred, iou_threshold)]
 
 
 def match_instances(gt: Dataset, pred: Sequence[ImageRecord], *,
