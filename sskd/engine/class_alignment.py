@@ -79,9 +79,10 @@ def align_classes(unlabeled: Dataset, prior: np.ndarray | None) -> tuple[Dataset
                          f"for {k} classes")
     probs = np.asarray([i.class_probs for i in insts], dtype=np.float64)
     mean_p = probs.mean(0)
-    weights = np.asarray(prior, dtype=np.float64) / np.maximum(mean_p, 1e-12)
+    prior = np.asarray(prior, dtype=np.float64)
+    weights = prior / np.maximum(mean_p, 1e-12)
     it = iter(probs)
-    records, before, after = [], np.zeros(k, int), np.zeros(k, int)
+    records, before, after, renamed = [], np.zeros(k, int), np.zeros(k, int), 0
     for r in unlabeled.records:
         new = []
         for inst in r.instances:
@@ -90,11 +91,10 @@ def align_classes(unlabeled: Dataset, prior: np.ndarray | None) -> tuple[Dataset
             c = int(q.argmax())
             before[inst.class_id] += 1
             after[c] += 1
+            renamed += c != inst.class_id
             new.append(dataclasses.replace(inst, class_id=c,
                                            class_probs=[round(float(v), 5) for v in q]))
         records.append(dataclasses.replace(r, instances=new))
-    renamed = int(sum(a.class_id != b.class_id for a, b in
-                      zip(insts, (i for r in records for i in r.instances))))
     summary = {"prior": prior.tolist(), "mean_probs": mean_p.tolist(), "weights": weights.tolist(),
                "renamed": renamed, "instances": len(insts),
                "counts_before": before.tolist(), "counts_after": after.tolist()}

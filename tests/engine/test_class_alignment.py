@@ -1,5 +1,7 @@
 """Distribution alignment of pseudo-label classes (sskd.engine.class_alignment)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,10 @@ def test_a_teacher_biased_towards_one_class_is_renamed_towards_the_prior():
         q = np.array(b.class_probs) * s["weights"]
         np.testing.assert_allclose(a.class_probs, q / q.sum(), atol=1e-5)
     assert aligned.name == pl.name and pl.records[0].instances[0].class_id == 1  # input untouched
+    # a plain list is a prior too, and the summary is JSON-ready
+    again, s2 = align_classes(pl, [0.5, 0.5])
+    assert again == aligned and s2 == s and type(s2["renamed"]) is int
+    json.dumps(s2)
 
 
 def test_a_prior_equal_to_the_teachers_mean_renames_nothing():
