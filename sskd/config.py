@@ -172,6 +172,14 @@ class PseudoLabelConfig:
     # uniform: the same with every class equally likely. Renames only (masks, scores and which
     # instances are kept stay the teacher's); needs a teacher with class probabilities
     class_prior: str = field(default="none", metadata={"fingerprint_omit": "none"})
+    # Edge-aware refinement of the pseudo-labels' masks before binarisation (a deviation:
+    # docs/method.md, 'Mask refinement'). none: the teacher's own masks (the paper); guided: each
+    # mask probability re-fitted to the image's colour edges by a guided filter of this radius
+    # (px at the model's input size) and eps (colour variance below it is not an edge).
+    # Pseudo-labels only: evaluation always scores the model's own masks
+    mask_refine: str = field(default="none", metadata={"fingerprint_omit": "none"})
+    refine_radius: int = field(default=4, metadata={"fingerprint_omit": 4})
+    refine_eps: float = field(default=1e-3, metadata={"fingerprint_omit": 1e-3})
 
 
 @dataclass

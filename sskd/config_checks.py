@@ -26,6 +26,8 @@ CANDIDATES = ("batch", "other_images")
 # pseudo_label.class_prior: none (the teacher's first choice), labeled (D_l's class
 # frequencies), uniform (every class equally often); sskd.engine.class_alignment
 CLASS_PRIORS = ("none", "labeled", "uniform")
+#: pseudo_label.mask_refine: none (the teacher's masks) or guided (guided-filter refinement)
+MASK_REFINERS = ("none", "guided")
 # Training configs whose ``steps: 0`` means "off" (no pretraining); every stage needs >= 1 step
 # (a stage is switched off with ``enabled: false``, not with 0 steps that save an untrained model).
 OPTIONAL_TRAININGS = ("teacher_pretrain", "student_pretrain")
@@ -186,6 +188,9 @@ def problems(cfg, prefix: str = "") -> list[str]:
     _model(c, "student", cfg.student)
     _thresholds(c, "pseudo_label", cfg.pseudo_label)
     c.choice("pseudo_label.class_prior", cfg.pseudo_label.class_prior, CLASS_PRIORS)
+    c.choice("pseudo_label.mask_refine", cfg.pseudo_label.mask_refine, MASK_REFINERS)
+    c.at_least("pseudo_label.refine_radius", cfg.pseudo_label.refine_radius, 1, " (pixels)")
+    c.positive("pseudo_label.refine_eps", cfg.pseudo_label.refine_eps)
     if cfg.pseudo_label.class_prior != "none":
         c.need(cfg.teacher.name != "grounded_sam", "pseudo_label.class_prior",
                cfg.pseudo_label.class_prior, "none with teacher.name grounded_sam (its "

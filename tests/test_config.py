@@ -73,6 +73,9 @@ BAD = [
     ("stages.refine.soft_classes", True, "false where stages.refine.l_semi is 0"),
     ("pseudo_label.class_prior", "balanced", "none | labeled | uniform"),
     ("stages.transfer.train.ema_decay", 1.0, "in [0, 1)"),
+    ("pseudo_label.mask_refine", "crf", "none | guided"),
+    ("pseudo_label.refine_radius", 0, ">= 1 (pixels)"),
+    ("pseudo_label.refine_eps", 0, "> 0"),
 ]
 
 

@@ -90,7 +90,11 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
                      class_probs: bool = False) -> Iterator[ImageRecord]:
     """Yield one predicted :class:`ImageRecord` per image of ``dataset`` (in order), masks at
     each record's original size. ``geometry`` overrides the square ``input_size``;
-    ``class_probs`` keeps each instance's class distribution (:func:`prediction_to_record`)."""
+    ``class_probs`` keeps each instance's class distribution (:func:`prediction_to_record`).
+    Pseudo-labels (``cfg`` a :class:`PseudoLabelConfig`) get ``cfg.mask_refine``'s refinement;
+    evaluation never does."""
+    from sskd.engine.mask_refinement import mask_refiner
+    refiner = mask_refiner(cfg) if isinstance(cfg, PseudoLabelConfig) else None
     device = torch.device(device)
     model.to(device).eval()
     overlapping = masks_overlap(cfg)
@@ -106,7 +110,8 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
         # Grounding DINO + SAM: the box score), so go through its predict()
         preds = model.predict(images, score_threshold=cfg.score_threshold,
                               max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold,
-                              overlapping=overlapping)
+                              overlapping=overlapping,
+                              **({"mask_refiner": refiner} if refiner is not None else {}))
         for rec, img, pred in zip(chunk, loaded, preds):
             yield prediction_to_record(pred, rec, tuple(img.shape[-2:]), class_probs)
 

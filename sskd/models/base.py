@@ -119,15 +119,20 @@ class Segmenter(nn.Module, ABC):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, score_threshold: float = 0.3, max_instances: int = 100,
-                mask_threshold: float = 0.5, overlapping: bool = False) -> list[Prediction]:
+                mask_threshold: float = 0.5, overlapping: bool = False,
+                mask_refiner=None) -> list[Prediction]:
         """``B x 3 x H x W`` -> one :class:`Prediction` per image.
 
         ``overlapping=False``: each pixel belongs to at most one instance (pseudo-labels, views);
         ``True``: every kept (query, class) pair keeps its whole mask, as COCO instance AP expects.
+        ``mask_refiner``: ``(images, B x Q x H x W probabilities) -> probabilities``, applied
+        before scoring and binarising (:mod:`sskd.engine.mask_refinement`).
         """
         out = self.forward_eval(images)
         return postprocess_instances(out.class_logits, out.mask_logits, images.shape[-2:],
-                                     score_threshold, max_instances, mask_threshold, overlapping)
+                                     score_threshold, max_instances, mask_threshold, overlapping,
+                                     refine=None if mask_refiner is None
+                                     else (lambda p: mask_refiner(images, p)))
 
     def param_groups(self, lr: float, backbone_lr_mult: float) -> list[dict]:
         """AdamW parameter groups: encoder parameters get ``lr * backbone_lr_mult``."""
@@ -252,7 +257,7 @@ class Segmenter(nn.Module, ABC):
 def postprocess_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                           image_size: tuple[int, int], score_threshold: float = 0.3,
                           max_instances: int = 100, mask_threshold: float = 0.5,
-                          overlapping: bool = False) -> list[Prediction]:
+                          overlapping: bool = False, refine=None) -> list[Prediction]:
     """Mask2Former instance inference: the top ``max_instances`` (query, class) pairs.
 
     ``class_logits``: ``B x Q x (C+1)``; ``mask_logits``: ``B x Q x h x w``. Score of a
@@ -267,6 +272,8 @@ def postprocess_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     B, Q, C = probs.shape
     masks = torch.nn.functional.interpolate(mask_logits.float(), size=(H, W), mode="bilinear",
                                             align_corners=False).sigmoid()  # B x Q x H x W
+    if refine is not None:  # ``B x Q x H x W`` probabilities -> the same, e.g. edge-aware
+        masks = refine(masks)
     results = []
     for b in range(B):
         scores, idx = probs[b].flatten().topk(min(max_instances, Q * C))

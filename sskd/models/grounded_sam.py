@@ -294,14 +294,15 @@ class GroundedSamTeacher(Segmenter):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, score_threshold: float | None = None,
                 max_instances: int | None = None, mask_threshold: float = 0.5,
-                overlapping: bool = False) -> list[Prediction]:
+                overlapping: bool = False, mask_refiner=None) -> list[Prediction]:
         """Grounded-SAM inference: ``B x 3 x H x W`` -> one :class:`Prediction` per image.
 
         Score of a box = max over classes of the sigmoid class score (the detector's box score),
         label = that class; boxes below ``score_threshold`` are dropped, at most
         ``max_instances`` kept (defaults: the builder's). Masks are SAM's, upsampled to ``H x W``
         and binarised at ``mask_threshold``; overlaps go to the higher score unless
-        ``overlapping`` (COCO evaluation); empty masks dropped.
+        ``overlapping`` (COCO evaluation); empty masks dropped. ``mask_refiner``: as
+        :meth:`Segmenter.predict`, on the kept masks' probabilities.
         """
         thr = self.score_threshold if score_threshold is None else float(score_threshold)
         k = self.max_instances if max_instances is None else int(max_instances)
@@ -317,7 +318,10 @@ class GroundedSamTeacher(Segmenter):
                 results.append(Prediction(empty, order.new_zeros(0), scores.new_zeros(0)))
                 continue
             m = F.interpolate(out.mask_logits[b, order][None].float(), size=(H, W), mode="bilinear",
-                              align_corners=False)[0].sigmoid() > mask_threshold
+                              align_corners=False).sigmoid()
+            if mask_refiner is not None:
+                m = mask_refiner(images[b:b + 1], m)
+            m = m[0] > mask_threshold
             if not overlapping:
                 m = resolve_overlaps(m)
             keep = m.flatten(1).any(1)

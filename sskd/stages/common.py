@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from sskd.config import (ModelConfig, StageConfig, TrainConfig, config_hash, fingerprint_dict,
+from sskd.config import (ModelConfig, PseudoLabelConfig, StageConfig, TrainConfig, config_hash,
+                         fingerprint_dict,
                          to_dict)
 from sskd.data.records import Dataset, iter_records_jsonl, write_json_atomic
 from sskd.engine.data import InputGeometry
@@ -247,7 +248,11 @@ def train_stage(run: Run, stage: str, model: Segmenter, labeled: Dataset,
     paths = TrainPaths.in_dir(run.dir.root, stage)
     fp_file = run.dir.checkpoint_dir(stage) / "fingerprint.json"
     trainable = trainable_parts(model, trainable)
-    pl_cfg = run.cfg.pseudo_label
+    # how pseudo-label masks are refined shows in the pseudo-labelled records themselves: a
+    # stage is not retrained for the setting, only for the records it changes
+    off = PseudoLabelConfig()
+    pl_cfg = dataclasses.replace(run.cfg.pseudo_label, mask_refine=off.mask_refine,
+                                 refine_radius=off.refine_radius, refine_eps=off.refine_eps)
     if unlabeled is not None and sc.l_semi > 0:
         unlabeled = aligned_pseudo_labels(run, unlabeled, labeled, stage)
     else:  # the class prior renames L_semi's targets: a stage without them is not retrained for it
@@ -339,9 +344,11 @@ def _predict(run: Run, model: Segmenter, dataset: Dataset, out: Path, desc: str,
     # only what changes the predictions (not e.g. the report's evaluation.seed_noise_ap),
     # including how disjoint masks are made (a file made by an older rule is recomputed)
     overlap = ["overlapping"] if masks_overlap(thresholds) else ["disjoint", MIN_KEPT_FRACTION]
+    refine = [] if getattr(thresholds, "mask_refine", "none") == "none" else \
+        [[thresholds.mask_refine, thresholds.refine_radius, thresholds.refine_eps]]
     fp = fingerprint(model, dataset, [thresholds.score_threshold, thresholds.max_instances,
                                       thresholds.mask_threshold, overlap]
-                     + (["class_probs"] if class_probs else []),
+                     + (["class_probs"] if class_probs else []) + refine,
                      input_geometry(run).describe())
     side = out.with_name(out.name + ".fingerprint")
     if not side.is_file() or side.read_text() != fp:
