@@ -49,7 +49,8 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
                                       - mI[:, i] * mI[:, j] for j in range(c)], -1)
                          for i in range(c)], -2)                       # 1 x H x W x C x C
     sigma = sigma + eps * torch.eye(c, dtype=sigma.dtype, device=sigma.device)
-    a = torch.linalg.solve(sigma[:, None], cov[..., None])[..., 0]    # 1 x Q x H x W x C
+    # one C x C inverse per pixel, shared by every mask (solving per mask cost Q times more)
+    a = torch.einsum("nhwij,nqhwj->nqhwi", torch.linalg.inv(sigma), cov)  # 1 x Q x H x W x C
     b = mp - (a * mI.permute(0, 2, 3, 1)[:, None]).sum(-1)
     ma = torch.stack([_box(a[..., i], radius) for i in range(c)], -1)
     return ((ma * I.permute(0, 2, 3, 1)[:, None]).sum(-1) + _box(b, radius))[0]
