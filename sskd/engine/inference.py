@@ -111,6 +111,7 @@ def iter_predictions(model: Segmenter, dataset: Dataset,
         preds = model.predict(images, score_threshold=cfg.score_threshold,
                               max_instances=cfg.max_instances, mask_threshold=cfg.mask_threshold,
                               overlapping=overlapping,
+                              # only when set: a user's registered model may predate the keyword
                               **({"mask_refiner": refiner} if refiner is not None else {}))
         for rec, img, pred in zip(chunk, loaded, preds):
             yield prediction_to_record(pred, rec, tuple(img.shape[-2:]), class_probs)

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from sskd.config import (ModelConfig, PseudoLabelConfig, StageConfig, TrainConfig, config_hash,
-                         fingerprint_dict,
-                         to_dict)
+                         fingerprint_dict, to_dict)
 from sskd.data.records import Dataset, iter_records_jsonl, write_json_atomic
 from sskd.engine.data import InputGeometry
 from sskd.engine.inference import masks_overlap, predict_to_jsonl
