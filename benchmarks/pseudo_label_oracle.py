@@ -23,13 +23,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from sskd.data.records import write_records_jsonl
-from sskd.evaluation.coco_eval import evaluate_masks
-from sskd.evaluation.instance_matching import match_instances
+from sskd.data.records import write_json_atomic, write_records_jsonl
 from sskd.evaluation.pseudo_label_oracles import ORACLES, oracle_pseudo_labels
 from sskd.metrics import read_metrics, update_metrics
 from sskd.report import fmt, markdown_table
 from sskd.stages import refine, transfer
+from sskd.stages.common import load_pseudo_labels, pseudo_label_quality, wants_class_probs
 from sskd.stages.data import load_datasets
 from sskd.stages.pipeline import transfer_pseudo_tag
 from sskd.stages.run import as_run
@@ -45,7 +44,6 @@ def _copy_run(src: Path, dst: Path) -> None:
     m = read_metrics(dst / "metrics.json")
     for tag in ("student_transfer", "student_refined"):
         m["models"].pop(tag, None)
-    from sskd.data.records import write_json_atomic
     write_json_atomic(m, dst / "metrics.json", indent=2)
 
 
@@ -65,21 +63,17 @@ def run_oracle(src: Path, kind: str, out: Path) -> dict:
     tag = transfer_pseudo_tag(run)
     ds = load_datasets(run)
     if "oracle" not in read_metrics(run.dir.metrics).get("pseudo_labels", {}).get(tag, {}):
-        from sskd.stages.common import load_pseudo_labels
         teacher_pl = load_pseudo_labels(run, tag, ds["labeled"].classes)
         recs, counts = oracle_pseudo_labels(ds["unlabeled"], teacher_pl.records, kind,
                                             score_threshold=run.cfg.pseudo_label.score_threshold)
-        from sskd.stages.common import wants_class_probs
         if wants_class_probs(run.cfg, ["transfer"]) and any(
                 i.class_probs is None for r in recs for i in r.instances):
             raise SystemExit(f"{src}: its pseudo-labels {tag} carry no class distributions but "
                              "the config trains on them (soft_classes / class_prior): run the "
                              "source run's stage 2 first, which labels D_u with them")
         write_records_jsonl(recs, run.dir.pseudo_labels(tag))
-        res = evaluate_masks(ds["unlabeled"], recs)
         update_metrics(run.dir.metrics, "pseudo_labels", tag,
-                       {"AP": res["AP"], "AP50": res["AP50"],
-                        "matching": match_instances(ds["unlabeled"], recs),
+                       {**pseudo_label_quality(ds["unlabeled"], recs),
                         "oracle": {"kind": kind, **counts}})
         logging.getLogger("sskd").warning("%s oracle: %s", kind, counts)
     transfer(run, progress=False)

@@ -1,9 +1,12 @@
-"""Fixtures shared by several test dirs: a private mongod for FiftyOne (inspect, notebooks)."""
+"""Fixtures shared by several test dirs: a private mongod for FiftyOne (inspect, notebooks), and
+the benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +35,17 @@ def mongod():
             os.environ.pop(database.URI_ENV, None)
         else:
             os.environ[database.URI_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("seed_noise")``: ``benchmarks/seed_noise.py`` imported as a module (the
+    scripts are not a package)."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -1,24 +1,16 @@
 """benchmarks/baseline_budget.py: a baseline's AP per step budget, and when a gain stands out of noise."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from sskd.config import read_config
 from sskd.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def baseline_budget():
-    spec = importlib.util.spec_from_file_location("baseline_budget",
-                                                  ROOT / "benchmarks" / "baseline_budget.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def baseline_budget(load_benchmark):
+    return load_benchmark("baseline_budget")
 
 
 def test_gains_are_against_the_smallest_budget_and_graded_against_both_spreads(baseline_budget):

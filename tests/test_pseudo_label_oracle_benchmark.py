@@ -1,29 +1,16 @@
 """benchmarks/pseudo_label_oracle.py on a finished smoke run: the copy trains on the oracle,
 the source run stays as it was."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from sskd.data.records import iter_records_jsonl
 from sskd.metrics import read_metrics
 from sskd.stages import adapt_teacher, load_datasets, open_run, prepare_data, refine, transfer, zero_shot
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("pseudo_label_oracle",
-                                                  ROOT / "benchmarks" / "pseudo_label_oracle.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.mark.slow
-def test_truth_oracle_retrains_the_students_of_a_copy(tmp_path, capsys):
-    bench = _bench()
+def test_truth_oracle_retrains_the_students_of_a_copy(tmp_path, capsys, load_benchmark):
+    bench = load_benchmark("pseudo_label_oracle")
     run = open_run("r", preset="smoke", runs_root=str(tmp_path / "runs"),
                    overrides={"cache_dir": str(tmp_path / "cache"), "data.root": str(tmp_path / "data"),
                               "ablations": {}, "stages.teacher_supervised.enabled": False})

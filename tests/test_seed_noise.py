@@ -1,19 +1,11 @@
 """benchmarks/seed_noise.py: per-seed tables and when a difference stands out of the noise."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def seed_noise():
-    spec = importlib.util.spec_from_file_location("seed_noise", ROOT / "benchmarks" / "seed_noise.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def seed_noise(load_benchmark):
+    return load_benchmark("seed_noise")
 
 
 def test_tables_spread_and_differences(seed_noise):

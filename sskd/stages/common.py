@@ -398,14 +398,12 @@ def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Da
                     run.cfg.pseudo_label, class_probs=wants_class_probs(run.cfg))
     records = list(iter_records_jsonl(path))
     if any(r.instances for r in unlabeled.records):
-        from sskd.evaluation.coco_eval import evaluate_masks
-        from sskd.evaluation.instance_matching import match_instances
         from sskd.report import fmt
-        res = evaluate_masks(unlabeled, records)
-        match = match_instances(unlabeled, records)
-        entry = {**{k: res[k] for k in ("AP", "AP50", "AP75", "per_class")}, "matching": match}
+        entry = pseudo_label_quality(unlabeled, records)
+        match = entry["matching"]
         if run.cfg.pseudo_label.class_prior != "none" and wants_class_probs(run.cfg):
             # what the stages train on: the same masks, renamed by the class prior
+            from sskd.evaluation.instance_matching import match_instances
             from sskd.stages.data import load_datasets
             aligned = aligned_pseudo_labels(run, Dataset(records, list(unlabeled.classes), tag),
                                             load_datasets(run)["labeled"])
@@ -415,9 +413,21 @@ def pseudo_label(run: Run, model: Segmenter, tag: str, unlabeled: Dataset) -> Da
                      fmt(entry["matching_aligned"]["class_accuracy"], 0))
         update_metrics(run.dir.metrics, "pseudo_labels", tag, entry)
         log.info("pseudo-labels %s: AP %.1f; masks matched %s%% of objects, %s%% of them with "
-                 "the right class", tag, res["AP"], fmt(match["mask_recall"], 0),
+                 "the right class", tag, entry["AP"], fmt(match["mask_recall"], 0),
                  fmt(match["class_accuracy"], 0))
     return Dataset(records, list(unlabeled.classes), f"pseudo_{tag}")
+
+
+def pseudo_label_quality(unlabeled: Dataset, records: Sequence) -> dict:
+    """Pseudo-labels ``records`` against D_u's hidden ground truth: their mask AP (``AP``,
+    ``AP50``, ``AP75``, ``per_class``) and class-agnostic ``matching``
+    (:func:`sskd.evaluation.instance_matching.match_instances`): what ``metrics.json`` keeps
+    under ``pseudo_labels[tag]``."""
+    from sskd.evaluation.coco_eval import evaluate_masks
+    from sskd.evaluation.instance_matching import match_instances
+    res = evaluate_masks(unlabeled, list(records))
+    return {**{k: res[k] for k in ("AP", "AP50", "AP75", "per_class")},
+            "matching": match_instances(unlabeled, records)}
 
 
 def load_pseudo_labels(run: Run, tag: str, classes: list[str]) -> Dataset:

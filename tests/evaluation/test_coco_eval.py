@@ -21,14 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from sskd.data.records import Dataset, ImageRecord, Instance, to_coco
 from sskd.evaluation.coco_eval import evaluate_masks
 
-H = W = 40
-CLASSES = ["circle", "rectangle", "triangle"]
-
-
-def box(y0, x0, h, w):
-    m = np.zeros((H, W), dtype=bool)
-    m[y0:y0 + h, x0:x0 + w] = True
-    return m
+from .hand_masks import CLASSES, H, W, box
 
 
 def gt_dataset(*images) -> Dataset:

@@ -9,15 +9,9 @@ import pytest
 from sskd.data.records import Dataset, ImageRecord, Instance
 from sskd.evaluation.instance_matching import match_instances, top_confusions
 
-H = W = 40
-CLASSES = ["circle", "rectangle", "triangle"]
+from .hand_masks import CLASSES, H, W, box
+
 CIRCLE, RECT, TRI = 0, 1, 2
-
-
-def box(y0, x0, h, w):
-    m = np.zeros((H, W), dtype=bool)
-    m[y0:y0 + h, x0:x0 + w] = True
-    return m
 
 
 def records(*images, score=None) -> list[ImageRecord]:

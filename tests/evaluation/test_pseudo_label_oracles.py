@@ -3,22 +3,13 @@ removes exactly its error and leaves everything else as the teacher wrote it."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from sskd.data.records import Dataset, ImageRecord, Instance, mask_iou
 from sskd.evaluation.instance_matching import match_instances
 from sskd.evaluation.pseudo_label_oracles import oracle_pseudo_labels
 
-H = W = 40
-CLASSES = ["circle", "rectangle", "triangle"]
-
-
-def box(y0, x0, h, w):
-    m = np.zeros((H, W), dtype=bool)
-    m[y0:y0 + h, x0:x0 + w] = True
-    return m
-
+from .hand_masks import CLASSES, H, W, box
 
 A, B, C = box(0, 0, 10, 10), box(20, 20, 10, 10), box(0, 25, 10, 10)
 A_SHIFTED = box(0, 2, 10, 10)   # IoU with A = 0.667: matches A

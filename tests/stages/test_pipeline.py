@@ -346,26 +346,33 @@ def test_soft_class_targets_relabel_d_u_and_retrain_only_stage_2(tmp_path, caplo
     assert all(i.class_probs for r in iter_records_jsonl(pl_file) for i in r.instances)
 
 
+def _retrained(run, tmp_path, overrides, stages):
+    """Apply ``overrides`` to the finished run ``run``, re-run ``stages``; returns the reopened
+    run and, per model with pseudo-labels on either side of it, whether it trained again."""
+    tags = ("teacher_1a", "teacher_adapted", "student_supervised", "student_transfer")
+    weights = {t: run.dir.model_dir(t) / "model.pt" for t in tags}
+    before = {t: p.stat().st_mtime_ns for t, p in weights.items()}
+    new = open_run("r", runs_root=str(tmp_path / "runs"), overrides=overrides)
+    for stage in stages:
+        stage(new, progress=False)
+    return new, {t: p.stat().st_mtime_ns != before[t] for t, p in weights.items()}
+
+
+#: what a pseudo-label setting retrains: the models trained on pseudo-labels, nothing else
+PSEUDO_LABEL_USERS = {"teacher_1a": False, "teacher_adapted": True, "student_supervised": False,
+                      "student_transfer": True}
+
+
 def test_class_prior_renames_pseudo_labels_and_retrains_only_the_stages_using_them(tmp_path,
                                                                                   caplog):
     """``pseudo_label.class_prior`` on a finished run: 1b and stage 2 train again on renamed
     pseudo-labels; 1a and the supervised baselines (no pseudo-labels) load; the pseudo-label
     files stay the teacher's own output and metrics gain the renamed labels' class matching."""
     run = _run_through_stage_2(tmp_path)
-    weights = {t: run.dir.model_dir(t) / "model.pt"
-               for t in ("teacher_1a", "teacher_adapted", "student_supervised", "student_transfer")}
-    before = {t: p.stat().st_mtime_ns for t, p in weights.items()}
-
-    aligned = open_run("r", runs_root=str(tmp_path / "runs"),
-                       overrides={"pseudo_label.class_prior": "uniform"})
     with caplog.at_level(logging.INFO, logger="sskd"):
-        adapt_teacher(aligned, progress=False)
-        transfer(aligned, progress=False)
-    after = {t: p.stat().st_mtime_ns for t, p in weights.items()}
-    assert after["teacher_1a"] == before["teacher_1a"]
-    assert after["student_supervised"] == before["student_supervised"]
-    assert after["teacher_adapted"] != before["teacher_adapted"]
-    assert after["student_transfer"] != before["student_transfer"]
+        aligned, retrained = _retrained(run, tmp_path, {"pseudo_label.class_prior": "uniform"},
+                                        [adapt_teacher, transfer])
+    assert retrained == PSEUDO_LABEL_USERS
     assert "teacher_adapted: pseudo_label.class_prior uniform renamed" in caplog.text
     assert "student_transfer: pseudo_label.class_prior uniform renamed" in caplog.text
     m = read_metrics(aligned.dir.metrics)["pseudo_labels"]["teacher_adapted"]
@@ -382,32 +389,20 @@ def test_class_prior_renames_pseudo_labels_and_retrains_only_the_stages_using_th
     assert fp["parts"]["pseudo_labeled"] == fingerprint(renamed)
 
 
-def test_mask_refinement_relabels_and_retrains_only_what_trains_on_pseudo_labels(tmp_path,
-                                                                                 caplog):
+def test_mask_refinement_relabels_and_retrains_only_what_trains_on_pseudo_labels(tmp_path):
     """``pseudo_label.mask_refine`` on a finished run: every pseudo-label file is made again
     with refined masks (same instances, other outlines), 1b and stage 2 train again on them;
     1a and the supervised baselines load; evaluation (predictions on val) is unchanged."""
     run = _run_through_stage_2(tmp_path)
-    weights = {t: run.dir.model_dir(t) / "model.pt"
-               for t in ("teacher_1a", "teacher_adapted", "student_supervised", "student_transfer")}
-    before = {t: p.stat().st_mtime_ns for t, p in weights.items()}
     pl_file = run.dir.pseudo_labels("teacher_zero_shot")
     side = pl_file.with_name(pl_file.name + ".fingerprint")
     old_pl, old_side = list(iter_records_jsonl(pl_file)), side.read_text()
     old_val = run.dir.predictions("teacher_zero_shot").read_text()
 
-    refined = open_run("r", runs_root=str(tmp_path / "runs"),
-                       overrides={"pseudo_label.mask_refine": "guided",
-                                  "pseudo_label.refine_radius": 2})
-    with caplog.at_level(logging.INFO, logger="sskd"):
-        zero_shot(refined, progress=False)
-        adapt_teacher(refined, progress=False)
-        transfer(refined, progress=False)
-    after = {t: p.stat().st_mtime_ns for t, p in weights.items()}
-    assert after["teacher_1a"] == before["teacher_1a"]
-    assert after["student_supervised"] == before["student_supervised"]
-    assert after["teacher_adapted"] != before["teacher_adapted"]
-    assert after["student_transfer"] != before["student_transfer"]
+    _, retrained = _retrained(run, tmp_path, {"pseudo_label.mask_refine": "guided",
+                                              "pseudo_label.refine_radius": 2},
+                              [zero_shot, adapt_teacher, transfer])
+    assert retrained == PSEUDO_LABEL_USERS
     assert run.dir.predictions("teacher_zero_shot").read_text() == old_val
     # made again (the smoke preset's untrained teachers keep every pixel at mask_threshold 0,
     # so the outlines cannot move here: tests/engine/test_mask_refinement.py shows they do)
