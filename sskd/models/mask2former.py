@@ -21,6 +21,12 @@ to the class logits, which then become factorised log-probabilities
 target masks' outlines (``loss_silhouette``, class weight). With ``silhouette_only`` the classes
 come from the outline alone (the linear head keeps only the no-object logit).
 
+Option ``mask_upsampler_channels > 0`` (off in every size; the demo preset turns it on): the
+stride-4 mask features are lifted to ``H x W`` by an image-guided convex upsampler
+(:class:`~sskd.models.upsampler.ConvexMaskUpsampler`) before the query decoder reads them, so
+every layer's mask logits are ``B x Q x H x W``; the projection heads and the silhouette head
+still read stride 4 (the silhouette head the full-resolution mask probabilities area-pooled).
+
 Losses: transformers' ``Mask2FormerLoss`` (Hungarian matching, class CE weight 2.0 with
 no-object 0.1, point-sampled mask BCE 5.0 and dice 5.0) on the final layer and, as deep
 supervision, on every earlier prediction (the query-only one and each intermediate layer).
@@ -50,6 +56,7 @@ from sskd.models.base import Segmenter, SegmenterOutput, register_model
 from sskd.models.dpt_neck import DPTNeck
 from sskd.models.heads import ProjectionHead, SilhouetteClassHead, ema_update
 from sskd.models.sizes import resolve_size
+from sskd.models.upsampler import ConvexMaskUpsampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -129,7 +136,7 @@ class Mask2FormerSegmenter(Segmenter):
     Mask2Former is fine-tuned end to end (the encoder at ``train.backbone_lr_mult`` of the lr).
     """
 
-    PARTS = {"encoder": ("encoder.",), "neck": ("neck.",), "pixel_decoder": ("pixel_decoder.",),
+    PARTS = {"encoder": ("encoder.",), "neck": ("neck.",), "pixel_decoder": ("pixel_decoder.", "mask_upsampler."),
              "decoder": ("transformer.",), "class_head": ("class_head.", "silhouette_head."),
              "projection_head": ("embed_weak.",)}
 
@@ -182,6 +189,12 @@ class Mask2FormerSegmenter(Segmenter):
                                     1 if cfg["silhouette_only"] else self.num_classes + 1)
         self.silhouette_head = (SilhouetteClassHead(self.num_classes, cfg["silhouette_channels"])
                                 if cfg["silhouette_channels"] else None)
+        if int(cfg["mask_upsampler_channels"]) < 0:
+            raise ValueError("mask_upsampler_channels must be >= 0 (0: masks at stride 4), got "
+                             f"{cfg['mask_upsampler_channels']}")
+        self.mask_upsampler = (ConvexMaskUpsampler(cfg["mask_feature_size"],
+                                                   cfg["mask_upsampler_channels"])
+                               if cfg["mask_upsampler_channels"] else None)
         # crowd regions: ignored points; soft class targets when pseudo-labels carry them
         self.criterion = SoftClassMask2FormerLoss(m2f, weight_dict={})
         self.loss_weights = {"loss_cross_entropy": float(cfg["class_weight"]),
@@ -210,7 +223,7 @@ class Mask2FormerSegmenter(Segmenter):
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size "
                              f"{self.patch_size}: resize/pad inputs (data.input_size)")
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.normalise(images)
         # a frozen encoder runs without autograd (no activations kept for a backward pass)
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
@@ -219,8 +232,13 @@ class Mask2FormerSegmenter(Segmenter):
             taps = [self.encoder.layernorm(hidden[i + 1]) for i in self.out_layers]
         return self.neck(taps, (H, W))
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` in [0, 1] -> ImageNet-normalised."""
+        return (images - self.pixel_mean) / self.pixel_std
+
     def forward(self, images: torch.Tensor, embeddings: str = "none") -> SegmenterOutput:
-        """``B x 3 x H x W`` -> :class:`SegmenterOutput` (masks at ``H/4 x W/4``).
+        """``B x 3 x H x W`` -> :class:`SegmenterOutput` (masks at ``H/4 x W/4``, or at
+        ``H x W`` with ``mask_upsampler_channels``).
 
         ``embeddings``: "none" | "weak" | "strong" | "both" selects the projection heads run;
         ``embed_strong`` is always detached (stop-gradient branch).
@@ -229,8 +247,11 @@ class Mask2FormerSegmenter(Segmenter):
             raise ValueError(f"embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}")
         pyramid = self.encode(images)
         pix = self.pixel_decoder(pyramid, return_dict=True)
+        mask_features = pix.mask_features
+        if self.mask_upsampler is not None:
+            mask_features = self.mask_upsampler(mask_features, self.normalise(images))
         dec = self.transformer(multi_scale_features=pix.multi_scale_features,
-                               mask_features=pix.mask_features)
+                               mask_features=mask_features)
         class_logits = [self.class_head(h.transpose(0, 1)) for h in dec.intermediate_hidden_states]
         mask_logits = list(dec.masks_queries_logits)
         if self.silhouette_head is not None:
@@ -266,9 +287,25 @@ class Mask2FormerSegmenter(Segmenter):
         else:
             fg = class_logits[..., :-1]
         if mask_logits is not None:
-            fg = fg + self.silhouette_head(mask_logits)
+            fg = fg + self.silhouette_head.from_probabilities(self._silhouette_input(mask_logits))
         return torch.cat([fg.log_softmax(-1) + nn.functional.logsigmoid(-no_obj),
                           nn.functional.logsigmoid(no_obj)], -1)
+
+    def _silhouette_size(self, mask_logits: torch.Tensor) -> tuple[int, int]:
+        """The stride-4 grid the silhouette head reads (its receptive field, and its cost, were
+        sized for 16 x 16 masks at 64 px)."""
+        h, w = mask_logits.shape[-2:]
+        f = self.mask_upsampler.factor if self.mask_upsampler is not None else 1
+        return h // f, w // f
+
+    def _silhouette_input(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """Detached mask probabilities, area-pooled to the silhouette grid (the class loss never
+        reaches the masks)."""
+        probs = mask_logits.detach().float().sigmoid()
+        size = self._silhouette_size(mask_logits)
+        if tuple(probs.shape[-2:]) != size:
+            probs = nn.functional.interpolate(probs, size=size, mode="area")
+        return probs
 
     def pixel_embeddings(self, images: torch.Tensor, head: str = "weak") -> torch.Tensor:
         """Projection-head embeddings only: encoder, neck and pixel decoder, no query decoder."""
@@ -326,8 +363,8 @@ class Mask2FormerSegmenter(Segmenter):
         out = {"loss": total, "loss_ce": raw["loss_cross_entropy"], "loss_mask": raw["loss_mask"],
                "loss_dice": raw["loss_dice"]}
         if self.silhouette_head is not None:
-            out["loss_silhouette"] = self._silhouette_loss(masks, labels, outputs.mask_logits.shape[-2:],
-                                                           soft)
+            out["loss_silhouette"] = self._silhouette_loss(
+                masks, labels, self._silhouette_size(outputs.mask_logits), soft)
             out["loss"] = total + self.loss_weights["loss_cross_entropy"] * out["loss_silhouette"]
         return out
 

@@ -63,6 +63,10 @@ DEFAULTS: dict[str, Any] = {
                                     # every size, on in the demo preset: docs/method.md)
     "silhouette_only": False,       # True: classes from the silhouette head alone; the linear
                                     # head keeps only the no-object logit
+    "mask_upsampler_channels": 0,   # > 0: masks at the input's resolution, the stride-4 mask
+                                    # features lifted by an image-guided convex upsampler of
+                                    # this width (upsampler.ConvexMaskUpsampler; off in every
+                                    # size, on in the demo preset: docs/method.md)
     # -- projection heads for L_pxl --
     "embed_dim": 128,               # pixel-embedding dimension D
     "ema_momentum": 0.99,           # strong head <- m * strong + (1 - m) * weak after each step
