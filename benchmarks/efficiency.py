@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/efficiency.py [--sizes demo|paper] [--image-size N] [--json out.json]
         [--batch-size B] [--threads T] [--device auto|cpu|cuda] [--train-step] [--no-grounded-sam]
+        [--preset demo [-p teacher.options.KEY=VALUE ...]]
 
 Builds the Mask2Former-family teacher and student of the chosen sizes side by side in one
 process (random weights: efficiency does not depend on them), plus the Grounding DINO + SAM
@@ -29,9 +30,25 @@ DEFAULTS = {  # per --sizes: image size, batch size, warmup, iters, classes
 }
 
 
-def build_models(sizes: str, num_classes: int, grounded_sam: bool) -> tuple[dict, list[str]]:
-    notes = []
-    models = {f"teacher_{sizes}": build_model("mask2former", num_classes, size=f"teacher_{sizes}")}
+def preset_options(preset: str | None, overrides: list[str]) -> dict[str, dict]:
+    """``{"teacher": {...}, "student": {...}}``: the model options of a preset (+ overrides),
+    so the table measures the models as that preset builds them (e.g. the demo's outline heads
+    and mask upsampler); ``{}`` without a preset."""
+    if not preset:
+        if overrides:
+            raise SystemExit("efficiency.py: -p needs --preset (the overrides apply to its config)")
+        return {}
+    from sskd.config import load_config
+    cfg = load_config(preset, overrides)
+    return {"teacher": dict(cfg.teacher.options), "student": dict(cfg.student.options)}
+
+
+def build_models(sizes: str, num_classes: int, grounded_sam: bool,
+                 options: dict[str, dict] | None = None) -> tuple[dict, list[str]]:
+    options = options or {}
+    notes = [f"{role} options {o}" for role, o in options.items() if o]
+    models = {f"teacher_{sizes}": build_model("mask2former", num_classes, size=f"teacher_{sizes}",
+                                              **options.get("teacher", {}))}
     if sizes == "paper" and grounded_sam:
         if "grounded_sam" not in list_models():
             notes.append("grounded_sam is not registered: row skipped")
@@ -40,7 +57,8 @@ def build_models(sizes: str, num_classes: int, grounded_sam: bool) -> tuple[dict
                 models["grounded_sam_paper"] = build_model("grounded_sam", num_classes, size="paper")
             except (KeyError, ValueError) as e:  # registered without a "paper" size
                 notes.append(f"grounded_sam paper size unavailable ({e}): row skipped")
-    models[f"student_{sizes}"] = build_model("mask2former", num_classes, size=f"student_{sizes}")
+    models[f"student_{sizes}"] = build_model("mask2former", num_classes, size=f"student_{sizes}",
+                                             **options.get("student", {}))
     return models, notes
 
 
@@ -56,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--train-step", action="store_true", help="also time a training step (batch 8)")
     p.add_argument("--no-grounded-sam", action="store_true", help="skip the Grounding DINO + SAM row")
+    p.add_argument("--preset", help="build the teacher and student with this preset's model "
+                   "options (e.g. demo); default: the sizes' own")
+    p.add_argument("-p", dest="overrides", action="append", default=[],
+                   help="config override key=value on top of --preset (repeatable)")
     p.add_argument("--json", type=Path, help="write rows and settings to this json file")
     args = p.parse_args(argv)
     d = DEFAULTS[args.sizes]
@@ -68,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    models, notes = build_models(args.sizes, num_classes, not args.no_grounded_sam)
+    models, notes = build_models(args.sizes, num_classes, not args.no_grounded_sam,
+                                 preset_options(args.preset, args.overrides))
     rows = compare(models, image_size, batch_size=batch_size, device=device, warmup=warmup,
                    iters=iters, train_step=args.train_step)
     meta = {"sizes": args.sizes, "image_size": image_size, "batch_size": batch_size,
