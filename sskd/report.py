@@ -504,6 +504,9 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
     if pl:
         parts += ["## Pseudo-label quality on D_u (hidden ground truth, never used in training)",
                   pseudo_label_table(pl)]
+        note = mask_refine_note(cfg)
+        if note:
+            parts.append(note)
     ab = ablations_section(metrics, cfg)
     parts += ["## Ablations", ab or "No ablations were run (config key `ablations`)."]
     eff = efficiency_table(metrics.get("efficiency", []))
@@ -523,6 +526,18 @@ def report_markdown(run_dir: RunDir, cfg: Config | None, metrics: Mapping[str, A
         parts += [f"![{cap}]({fname})" for cap, fname in figures.items()]
     parts.append("Raw numbers: [metrics.json](metrics.json).")
     return "\n\n".join(parts) + "\n"
+
+
+def mask_refine_note(cfg: Config | None) -> str:
+    """A sentence when the pseudo-labels' masks were post-processed (``pseudo_label.mask_refine``):
+    what the table and the FiftyOne views show then is not the teacher's raw output."""
+    if cfg is None or cfg.pseudo_label.mask_refine == "none":
+        return ""
+    p = cfg.pseudo_label
+    return (f"Pseudo-label masks were refined before training (`pseudo_label.mask_refine: "
+            f"{p.mask_refine}`, radius {p.refine_radius} px, eps {p.refine_eps:g}): the table "
+            "above and the FiftyOne pseudo-label fields show the refined masks; every model's AP "
+            "above scores its own, unrefined masks.")
 
 
 def pseudo_label_table(pl: Mapping[str, Mapping]) -> str:

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from sskd import report
-from sskd.config import Config, save_config
+from sskd.config import Config, load_config, save_config
 from sskd.rundir import RunDir
 
 
@@ -303,3 +303,11 @@ def test_pseudo_label_section_tells_masks_from_classes():
     # without any matching entry the section keeps its AP-only table
     assert report.pseudo_label_table({"teacher_1a": {"AP": 7.6, "AP50": 14.2}}) == (
         "| pseudo-labels of | AP | AP50 |\n|---|---|---|\n| `teacher_1a` | 7.6 | 14.2 |")
+
+
+def test_the_report_says_when_pseudo_label_masks_were_refined():
+    assert report.mask_refine_note(None) == ""
+    assert report.mask_refine_note(load_config("smoke")) == ""
+    note = report.mask_refine_note(load_config("demo", ["pseudo_label.refine_radius=2"]))
+    assert "`pseudo_label.mask_refine: guided`, radius 2 px, eps 0.001" in note
+    assert "scores its own, unrefined masks" in note
