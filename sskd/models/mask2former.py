@@ -21,7 +21,8 @@ to the class logits, which then become factorised log-probabilities
 target masks' outlines (``loss_silhouette``, class weight). With ``silhouette_only`` the classes
 come from the outline alone (the linear head keeps only the no-object logit).
 
-Option ``mask_upsampler_channels > 0`` (off in every size; the demo preset turns it on): the
+Option ``mask_upsampler_channels > 0`` (off in every size and preset; measured in the demo,
+docs/method.md "Mask resolution"): the
 stride-4 mask features are lifted to ``H x W`` by an image-guided convex upsampler
 (:class:`~sskd.models.upsampler.ConvexMaskUpsampler`) before the query decoder reads them, so
 every layer's mask logits are ``B x Q x H x W``; the projection heads and the silhouette head
@@ -130,13 +131,15 @@ class Mask2FormerSegmenter(Segmenter):
             ``trainable=["neck", "pixel_decoder", "decoder", "class_head", "projection_head"]``,
             ``encoder_weights="weights/dinov2-small"``.
 
-    Parts (:meth:`set_trainable`): ``encoder`` (DINOv2), ``neck`` (DPT), ``pixel_decoder``,
-    ``decoder`` (masked-attention query decoder), ``class_head``, ``projection_head`` (the weak
-    L_pxl head; the strong one is its EMA and never trains). Default: every part, as a
-    Mask2Former is fine-tuned end to end (the encoder at ``train.backbone_lr_mult`` of the lr).
+    Parts (:meth:`set_trainable`): ``encoder`` (DINOv2), ``neck`` (DPT), ``pixel_decoder`` (and
+    the mask upsampler), ``decoder`` (masked-attention query decoder), ``class_head``,
+    ``projection_head`` (the weak L_pxl head; the strong one is its EMA and never trains).
+    Default: every part, as a Mask2Former is fine-tuned end to end (the encoder at
+    ``train.backbone_lr_mult`` of the lr).
     """
 
-    PARTS = {"encoder": ("encoder.",), "neck": ("neck.",), "pixel_decoder": ("pixel_decoder.", "mask_upsampler."),
+    PARTS = {"encoder": ("encoder.",), "neck": ("neck.",),
+             "pixel_decoder": ("pixel_decoder.", "mask_upsampler."),
              "decoder": ("transformer.",), "class_head": ("class_head.", "silhouette_head."),
              "projection_head": ("embed_weak.",)}
 

@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "mask_upsampler_channels": 0,   # > 0: masks at the input's resolution, the stride-4 mask
                                     # features lifted by an image-guided convex upsampler of
                                     # this width (upsampler.ConvexMaskUpsampler; off in every
-                                    # size, on in the demo preset: docs/method.md)
+                                    # size and preset: docs/method.md, "Mask resolution")
     # -- projection heads for L_pxl --
     "embed_dim": 128,               # pixel-embedding dimension D
     "ema_momentum": 0.99,           # strong head <- m * strong + (1 - m) * weak after each step
