@@ -131,11 +131,9 @@ def test_the_silhouette_head_still_reads_the_stride4_grid():
     model.mask_upsampler = upsampler
     # the head's loss reads the targets pooled to 8 x 8 in both models
     assert torch.allclose(with_up, without)
-    # and its logits are the area-pooled full-resolution probabilities'
+    # and it reads the full-resolution probabilities area-pooled to 8 x 8
     probs = nn.functional.avg_pool2d(out.mask_logits.sigmoid(), 4)
-    want = model.silhouette_head.from_probabilities(probs)
     assert torch.allclose(model._silhouette_input(out.mask_logits), probs, atol=1e-6)
-    assert want.shape == (2, model.cfg["num_queries"], K)
 
 
 def test_the_upsampler_trains_with_the_pixel_decoder_part():
