@@ -24,4 +24,4 @@ def test_preset_options_reach_the_models(efficiency):
     plain, notes = efficiency.build_models("demo", 3, False)
     assert plain["teacher_demo"].silhouette_head is None and notes == []
     # an option adds its parameters to the table's count
-    assert (models["teacher_demo"].num_parameters() > plain["teacher_demo"].num_parameters())
+    assert models["teacher_demo"].num_parameters() > plain["teacher_demo"].num_parameters()

@@ -3,8 +3,9 @@
 Mask2Former draws its masks at stride 4 and upsamples the logits bilinearly. At the paper's
 1024 px that is a 256 x 256 mask; at the offline demo's 64 px it is 16 x 16, and every outline
 is a 4-pixel blur (on the demo's target, sharpening the outlines with a guided filter lifted
-both stand-ins' AP by 8-10: docs/method.md, "Mask resolution"). The paper's teacher takes its
-masks from SAM, which has no such blur.
+both stand-ins' AP by 8-10: docs/method.md, "Mask refinement in the demo"). The paper's teacher
+takes its masks from SAM, which has no such blur. What this upsampler did in the demo:
+docs/method.md, "A full-resolution mask head in the demo".
 
 :class:`ConvexMaskUpsampler` (option ``mask_upsampler_channels > 0``; off in every size) lifts
 the mask features, not each query's logits: a query's mask logits are a dot product with the

@@ -44,10 +44,10 @@ def _build(name: str) -> Segmenter:
     registered, options = VARIANTS[name]
     torch.manual_seed(0)
     model = build_model(registered, NUM_CLASSES, size="tiny", **options)
-    with torch.no_grad():  # zero-initialised last layers pass no gradient to the layers before
-        for last in ("mask_upsampler.weights", "silhouette_head.classify"):
-            if options and model.get_submodule(last) is not None:
-                model.get_submodule(last).weight.normal_(0, 0.1)
+    if options:  # both heads' last layers start at zero and would pass no gradient back
+        with torch.no_grad():
+            model.mask_upsampler.weights.weight.normal_(0, 0.1)
+            model.silhouette_head.classify.weight.normal_(0, 0.1)
     return model
 
 
