@@ -19,10 +19,12 @@ Training step (forward + loss + backward + AdamW, batch 8, 64 px, ``benchmarks/e
 tiny 0.05 s (batch 2, 64 px). (An earlier 1.05M / 12.8M pair took 0.15 / 0.45 s and learned no
 more per step, so the demo pair was shrunk to fit more steps into its 20-minute budget.)
 
-teacher_demo / student_demo = 11.2x params (the paper: 568M / 52M = 10.9x). The paper student
-comes to 51.2M (the paper: about 52M) with a 4 x hidden decoder FFN (1536). Paper sizes store
-position embeddings for 518 px (37 x 37 patches) so the ``facebook/dinov2-small`` /
-``facebook/dinov2-large`` checkpoints load as is; any multiple of 14 works as input.
+teacher_demo / student_demo = 11.2x params (the paper: 568M / 52M = 10.9x); with the demo
+preset's 32-channel outline class heads (``silhouette_channels``) in both, 6.43M / 0.636M =
+10.1x. The paper student comes to 51.2M (the paper: about 52M) with a 4 x hidden decoder FFN
+(1536). Paper sizes store position embeddings for 518 px (37 x 37 patches) so the
+``facebook/dinov2-small`` / ``facebook/dinov2-large`` checkpoints load as is; any multiple of 14
+works as input.
 
 Every key of a size can be overridden by keyword (``build_model(..., hidden_dim=64)``); see
 :data:`DEFAULTS` for the meaning of each key.
